@@ -1,0 +1,136 @@
+// meft-param-server: owns the adapter (keys, values, router, Adam state) of the layers it is
+// given, answers lookups and gradients over gRPC, and serves Prometheus metrics.
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/config/config.h"
+#include "common/logging/logging.h"
+#include "common/metrics/metrics.h"
+#include "common/status.h"
+#include "param_server/checkpoint/checkpoint.h"
+#include "param_server/rpc/service.h"
+#include "param_server/server/options.h"
+#include "param_server/server/param_server.h"
+#include "spdlog/spdlog.h"
+#include "tbb/global_control.h"
+
+namespace {
+
+using meft::server::ServerConfig;
+
+std::string MetricsAddress(const std::string& listen, uint32_t port) {
+  std::string host = "127.0.0.1";
+  const size_t colon = listen.rfind(':');
+  if (colon != std::string::npos && colon > 0) host = listen.substr(0, colon);
+  return absl::StrCat(host, ":", port);
+}
+
+absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
+  MEFT_RETURN_IF_ERROR(meft::logging::Init(config.log_level, "param-server"));
+  std::optional<tbb::global_control> threads;
+  if (config.threads > 0) {
+    threads.emplace(tbb::global_control::max_allowed_parallelism, config.threads);
+  }
+  MEFT_ASSIGN_OR_RETURN(meft::server::ServerOptions options, meft::server::ToServerOptions(config));
+
+  meft::metrics::Registry registry;
+  std::unique_ptr<meft::metrics::Exposer> exposer;
+  if (config.metrics_port != 0) {
+    MEFT_ASSIGN_OR_RETURN(exposer, meft::metrics::Exposer::Start(
+                                       MetricsAddress(config.listen, config.metrics_port), registry));
+  }
+  spdlog::info("initialising {} layers of r={} d={}", options.layers.size(), options.rows,
+               options.dim);
+  MEFT_ASSIGN_OR_RETURN(auto server, meft::server::ParamServer::Create(options, &registry));
+  const meft::server::ServerInfo info = server->Info();
+  spdlog::info("store ready: layers {}, r={}, d={}, E={}, n_probe={}, top_k={}, kernels {}",
+               absl::StrJoin(info.layers, ","), info.rows, info.dim, info.experts, info.n_probe,
+               info.top_k, info.isa);
+
+  if (!config.restore.empty()) {
+    std::string path = config.restore;
+    if (path == "latest") {
+      if (config.checkpoint_dir.empty()) {
+        return absl::InvalidArgumentError("restore: \"latest\" needs checkpoint_dir");
+      }
+      auto latest = meft::checkpoint::FindLatest(config.checkpoint_dir);
+      path = latest.ok() ? *latest : "";
+      if (path.empty()) spdlog::info("no checkpoint under {}; starting fresh", config.checkpoint_dir);
+    }
+    if (!path.empty()) {
+      MEFT_ASSIGN_OR_RETURN(auto restored, server->RestoreCheckpoint(path));
+      spdlog::info("resumed from {} at step {}", restored.path, restored.step);
+    }
+  }
+
+  meft::rpc::RpcOptions rpc_options;
+  rpc_options.listen = config.listen;
+  rpc_options.max_message_bytes = static_cast<int>(config.max_message_mb) << 20;
+  rpc_options.insecure = config.insecure;
+  MEFT_ASSIGN_OR_RETURN(auto running, meft::rpc::StartServer(rpc_options, server.get(), &registry));
+  spdlog::info("serving meft.v1.ParamServer on {} (port {}){}", config.listen, running->port(),
+               exposer ? absl::StrCat(", metrics on http://",
+                                      MetricsAddress(config.listen, exposer->port()), "/metrics")
+                       : "");
+
+  int signal_number = 0;
+  sigwait(&stop_signals, &signal_number);
+  spdlog::info("{} received: shutting down", strsignal(signal_number));
+  running->Shutdown(/*grace_seconds=*/5.0);
+  if (!config.checkpoint_dir.empty()) {
+    auto saved = server->SaveCheckpoint("");
+    if (!saved.ok()) {
+      return absl::Status(saved.status().code(),
+                          absl::StrCat("final checkpoint failed: ", saved.status().message()));
+    }
+    spdlog::info("final checkpoint {}", saved->path);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Block the stop signals before any thread starts, so every thread inherits the mask and
+  // main's sigwait is the one place that sees them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  ServerConfig config;
+  meft::config::FieldSet fields;
+  meft::server::RegisterFields(&config, &fields);
+  CLI::App app{
+      "meft-param-server: the CPU parameter server of MEFT. Owns the sparse adapter of the "
+      "layers it serves, selects rows per token, and runs lazy Adam.\n"
+      "Settings come from defaults, then --config FILE (YAML), then flags."};
+  std::string config_path;
+  app.add_option("--config", config_path, "YAML configuration file")->check(CLI::ExistingFile);
+  fields.BindCli(app);
+  app.footer("Every setting, with its YAML key, default and meaning:\n" + fields.HelpText());
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  absl::Status status = fields.registration_status();
+  if (status.ok() && !config_path.empty()) status = fields.LoadYamlFile(config_path);
+  if (status.ok()) status = fields.ApplyCli();
+  if (status.ok()) status = Run(config, stop_signals);
+  if (!status.ok()) {
+    std::fprintf(stderr, "meft-param-server: error: %s\n", std::string(status.message()).c_str());
+    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
+}

@@ -1,0 +1,178 @@
+#pragma once
+
+// The parameter server's domain logic on plain structs: validation of every request field,
+// selection, the per-step lookup cache, gradient accumulation, the squared-norm query, the
+// lazy Adam step, and checkpoints. rpc/ translates protobuf messages to and from these types.
+//
+// Thread safety: every public method may be called concurrently. Per layer, a shared mutex
+// guards the parameters and Adam state (shared by lookups and checkpoint writes, exclusive for
+// Step and restore) and a mutex guards the accumulators, the lookup cache and the layer's
+// optimizer step. Locks are taken in ascending layer order, parameters before state.
+//
+// Ordering rule (DESIGN §3): a training lookup of step s is answered only when the layer's
+// optimizer step is s; a lookup that arrives early waits (up to step_wait_seconds) for Step(s-1)
+// to finish, so all lookups of one optimizer step see one parameter version.
+
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/metrics/metrics.h"
+#include "common/wire/tensor_codec.h"
+#include "param_server/checkpoint/checkpoint.h"
+#include "param_server/kernels/dot.h"
+#include "param_server/optim/sparse_adam.h"
+#include "param_server/routing/selector.h"
+#include "param_server/store/layer_store.h"
+
+namespace meft::server {
+
+enum class Mode { kPerToken, kUnion };
+
+struct ServerOptions {
+  std::vector<uint32_t> layers = {0, 1};  // decoder layers this server owns
+  int64_t rows = 4096;                    // r: key-value pairs per layer
+  int64_t dim = 64;                       // d: hidden size of the model
+  int64_t experts = 0;                    // E; 0 = store::DefaultExperts(rows)
+  routing::SelectorOptions selector;
+  Mode mode = Mode::kPerToken;
+  wire::DType wire_dtype = wire::DType::kBf16;  // dtype of rows sent when the request says none
+  store::InitOptions init;
+  optim::AdamOptions adam;
+  int64_t max_tokens = 8192;          // largest T of one lookup
+  std::string checkpoint_dir;         // where SaveCheckpoint writes by default; "" = none
+  double step_wait_seconds = 30.0;    // how long an early lookup waits for the previous Step
+  std::optional<kernels::Isa> isa;    // kernels to use; unset = the best the CPU supports
+};
+
+struct RequestHeader {
+  uint64_t step = 0;
+  uint32_t micro_step = 0;
+  uint32_t layer = 0;
+};
+
+struct LookupCall {
+  RequestHeader header;
+  wire::WireTensor x;                       // [T, d] fp32 or bf16
+  std::optional<wire::WireTensor> token_mask;  // [T] uint8 of 0/1
+  bool training = false;
+  std::optional<wire::DType> row_dtype;     // fp32 or bf16
+};
+
+struct LookupReply {
+  wire::Tensor row_ids;        // [|S|] int32
+  wire::Tensor keys;           // [|S|, d]
+  wire::Tensor values;         // [|S|, d]
+  wire::Tensor token_rows;     // [T, top_k] int32 (per_token)
+  wire::Tensor token_gates;    // [T, top_k] fp32 (per_token)
+  wire::Tensor token_experts;  // [T, top_k] int32 (gated per_token)
+  wire::Tensor expert_ids;     // [n_e] int32 (gated per_token)
+  wire::Tensor router_rows;    // [n_e, d] (gated per_token)
+  uint32_t rows_dropped = 0;
+  bool replayed = false;
+};
+
+struct GradientsCall {
+  RequestHeader header;
+  wire::WireTensor key_grads;                 // [|S|, d] fp32 or bf16
+  wire::WireTensor value_grads;               // [|S|, d] fp32 or bf16
+  std::optional<wire::WireTensor> gate_grads;  // [T, top_k] fp32, gated per_token only
+};
+
+struct GradientsReply {
+  bool duplicate = false;
+  uint64_t rows_accumulated = 0;
+};
+
+struct GradNormReply {
+  double squared_norm = 0.0;
+  std::vector<uint32_t> layers;
+  std::vector<double> layer_squared_norms;
+};
+
+struct StepCall {
+  uint64_t step = 0;
+  double lr = 0.0;
+  double clip_factor = 1.0;
+  std::vector<uint32_t> layers;  // empty = all, ascending
+};
+
+struct StepReply {
+  bool already_applied = false;
+  uint64_t rows_updated = 0;
+  uint64_t router_rows_updated = 0;
+  uint64_t server_step = 0;
+};
+
+struct CheckpointReply {
+  std::string path;
+  uint64_t step = 0;
+  uint64_t bytes_written = 0;
+};
+
+struct ServerInfo {
+  std::vector<uint32_t> layers;
+  int64_t rows = 0, dim = 0, experts = 0, n_probe = 0, top_k = 0, max_rows = 0, max_tokens = 0;
+  Mode mode = Mode::kPerToken;
+  bool gated = true;
+  wire::DType wire_dtype = wire::DType::kBf16;
+  uint64_t step = 0;
+  optim::AdamOptions adam;
+  std::string isa;
+};
+
+class ParamServer {
+ public:
+  // Validates `options`, allocates and initialises every owned layer. `registry` (may be null)
+  // receives the server's meft_ps_* metrics and must outlive the server.
+  static absl::StatusOr<std::unique_ptr<ParamServer>> Create(const ServerOptions& options,
+                                                             metrics::Registry* registry);
+  ~ParamServer();
+  ParamServer(const ParamServer&) = delete;
+  ParamServer& operator=(const ParamServer&) = delete;
+
+  absl::StatusOr<LookupReply> Lookup(const LookupCall& call);
+  absl::StatusOr<GradientsReply> Gradients(const GradientsCall& call);
+  absl::StatusOr<GradNormReply> GradNorm(uint64_t step, const std::vector<uint32_t>& layers);
+  absl::StatusOr<StepReply> Step(const StepCall& call);
+  // Writes checkpoint-<step>/ under `directory` (or options.checkpoint_dir when empty).
+  // FAILED_PRECONDITION when the owned layers are at different steps (a Step is half done).
+  absl::StatusOr<CheckpointReply> SaveCheckpoint(const std::string& directory);
+  // Loads a checkpoint folder (or the newest under a root folder) after checking it matches this
+  // server's layers and shapes; all or nothing. Clears every cache and accumulator.
+  absl::StatusOr<CheckpointReply> RestoreCheckpoint(const std::string& path);
+  ServerInfo Info() const;
+
+  // A hash of every byte of server state (parameters, Adam state, accumulators, caches, steps).
+  // For tests: a rejected request must leave it unchanged.
+  uint64_t StateDigest() const;
+
+ private:
+  struct Layer;
+  struct Metrics;
+  ParamServer(const ServerOptions& options, const kernels::Kernels& kernels,
+              metrics::Registry* registry);
+
+  absl::StatusOr<Layer*> FindLayer(uint32_t id, absl::string_view field) const;
+  absl::StatusOr<std::vector<Layer*>> ResolveLayers(const std::vector<uint32_t>& ids,
+                                                    absl::string_view field) const;
+  checkpoint::AdapterConfig MakeAdapterConfig() const;
+
+  const ServerOptions options_;
+  const kernels::Kernels& kernels_;
+  std::vector<std::unique_ptr<Layer>> layers_;  // ascending layer id; fixed after Create
+  // Seed that initialised the current parameters (the checkpoint's after a restore). Written
+  // only with every layer's params_mu held exclusively; read with one held.
+  uint64_t adapter_seed_;
+  std::unique_ptr<Metrics> metrics_;
+};
+
+}  // namespace meft::server

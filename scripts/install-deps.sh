@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs exactly the Debian 12 packages meft's build, tests and benchmarks need.
+# Idempotent: packages already present are left alone and apt is not touched at all when
+# nothing is missing. Needs root (or sudo) and access to Debian's package archive only.
+set -euo pipefail
+
+packages=(
+  # toolchain
+  build-essential cmake pkgconf git
+  # RPC and wire format
+  libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
+  # parallelism, metrics, config, logging, CLI
+  libtbb-dev prometheus-cpp-dev libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libspdlog-dev
+  # tests and benchmarks
+  libgtest-dev libgmock-dev libbenchmark-dev
+  # promtool validates our metrics exposition in the tests
+  prometheus
+  # an optimised BLAS for LibTorch's CPU matrix products (see README "BLAS")
+  libopenblas0-pthread
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#packages[@]} packages present"
+  exit 0
+fi
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+echo "install-deps: done"
