@@ -41,10 +41,16 @@ absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
     threads.emplace(tbb::global_control::max_allowed_parallelism, config.threads);
   }
   MEFT_ASSIGN_OR_RETURN(meft::server::ServerOptions options, meft::server::ToServerOptions(config));
+  meft::rpc::RpcOptions rpc_options;
+  rpc_options.listen = config.listen;
+  rpc_options.max_message_bytes = static_cast<int>(config.max_message_mb) << 20;
+  rpc_options.insecure = config.insecure;
+  MEFT_RETURN_IF_ERROR(meft::rpc::CheckListenAddress(rpc_options));
+  options.max_response_bytes = rpc_options.max_message_bytes;
 
   meft::metrics::Registry registry;
   std::unique_ptr<meft::metrics::Exposer> exposer;
-  if (config.metrics_port != 0) {
+  if (config.metrics) {
     MEFT_ASSIGN_OR_RETURN(exposer, meft::metrics::Exposer::Start(
                                        MetricsAddress(config.listen, config.metrics_port), registry));
   }
@@ -72,10 +78,6 @@ absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
     }
   }
 
-  meft::rpc::RpcOptions rpc_options;
-  rpc_options.listen = config.listen;
-  rpc_options.max_message_bytes = static_cast<int>(config.max_message_mb) << 20;
-  rpc_options.insecure = config.insecure;
   MEFT_ASSIGN_OR_RETURN(auto running, meft::rpc::StartServer(rpc_options, server.get(), &registry));
   spdlog::info("serving meft.v1.ParamServer on {} (port {}){}", config.listen, running->port(),
                exposer ? absl::StrCat(", metrics on http://",

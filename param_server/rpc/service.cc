@@ -1,5 +1,8 @@
 #include "param_server/rpc/service.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
 #include <chrono>
 #include <exception>
 #include <map>
@@ -32,7 +35,20 @@ std::string HostOf(const std::string& listen) {
 
 bool IsLoopback(const std::string& listen) {
   const std::string host = HostOf(listen);
-  return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
+  if (host == "localhost") return true;
+  // Numeric addresses only: a DNS name such as "127.example.com" may resolve anywhere.
+  in_addr v4;
+  if (::inet_pton(AF_INET, host.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;
+  in6_addr v6;
+  return ::inet_pton(AF_INET6, host.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6);
+}
+
+absl::Status CheckListenAddress(const RpcOptions& options) {
+  if (IsLoopback(options.listen) || options.insecure) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "listen: ", options.listen,
+      " is not a loopback address; TLS with a token is not implemented yet, so a "
+      "non-loopback listener needs --insecure (trusted networks only)"));
 }
 
 class RunningServer::Service final : public v1::ParamServer::Service {
@@ -165,12 +181,7 @@ void RunningServer::Wait() {
 absl::StatusOr<std::unique_ptr<RunningServer>> StartServer(const RpcOptions& options,
                                                            server::ParamServer* domain,
                                                            metrics::Registry* registry) {
-  if (!IsLoopback(options.listen) && !options.insecure) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "listen: ", options.listen,
-        " is not a loopback address; TLS with a token is not implemented yet, so a "
-        "non-loopback listener needs --insecure (trusted networks only)"));
-  }
+  MEFT_RETURN_IF_ERROR(CheckListenAddress(options));
   grpc::EnableDefaultHealthCheckService(true);
   std::unique_ptr<RunningServer> running(new RunningServer());
   running->service_ = std::make_unique<RunningServer::Service>(domain, registry);

@@ -23,6 +23,9 @@ struct RpcOptions {
 // True for 127.0.0.0/8, ::1 and "localhost" hosts.
 bool IsLoopback(const std::string& listen);
 
+// INVALID_ARGUMENT naming `listen` when it is not loopback and `insecure` is not set.
+absl::Status CheckListenAddress(const RpcOptions& options);
+
 class RunningServer {
  public:
   ~RunningServer();

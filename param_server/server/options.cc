@@ -8,8 +8,10 @@ void RegisterFields(ServerConfig* c, config::FieldSet* f) {
   f->Add("listen", &c->listen,
          "gRPC address HOST:PORT; loopback by default (a non-loopback address needs --insecure "
          "until TLS lands)");
+  f->Add("metrics", &c->metrics, "serve Prometheus metrics on metrics_port");
   f->Add("metrics_port", &c->metrics_port,
-         "port of the Prometheus /metrics endpoint, on the listen host; 0 disables it");
+         "port of the Prometheus /metrics endpoint, on the listen host; 0 = any free port");
+  f->SetRange("metrics_port", 0, 65535);
   f->AddChoice("log_level", &c->log_level, {"trace", "debug", "info", "warn", "error", "off"},
                "log verbosity");
   f->Add("threads", &c->threads, "worker threads for selection and Adam; 0 = all cores");

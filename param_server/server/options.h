@@ -17,6 +17,7 @@ namespace meft::server {
 struct ServerConfig {
   // Process.
   std::string listen = "127.0.0.1:50051";
+  bool metrics = true;
   uint32_t metrics_port = 9464;
   std::string log_level = "info";
   uint32_t threads = 0;

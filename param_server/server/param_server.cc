@@ -320,6 +320,19 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
   const routing::Selection& sel = selection_source->selection;
   const int64_t n_rows = static_cast<int64_t>(sel.rows.size());
   const int64_t d = options_.dim;
+  // Refuse, before anything is cached or counted, an answer the transport could not send.
+  const int64_t row_bytes = static_cast<int64_t>(wire::DTypeSize(row_dtype)) * d;
+  const int64_t n_experts = options_.selector.gated ? static_cast<int64_t>(sel.experts.size()) : 0;
+  const int64_t reply_bytes =
+      n_rows * (4 + 2 * row_bytes) + n_experts * (4 + row_bytes) +
+      (options_.mode == Mode::kPerToken ? num_tokens * options_.selector.top_k * 12 : 0) + 4096;
+  if (options_.max_response_bytes > 0 && reply_bytes > options_.max_response_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "x.shape: the answer to ", num_tokens, " tokens (", n_rows, " rows of ", d, " ",
+        wire::DTypeName(row_dtype), ") would be about ", reply_bytes,
+        " bytes, over the server's message limit of ", options_.max_response_bytes,
+        "; send fewer tokens, use bf16 rows, or raise max_message_mb"));
+  }
 
   LookupReply reply;
   reply.replayed = replayed;
@@ -498,9 +511,12 @@ absl::StatusOr<StepReply> ParamServer::Step(const StepCall& call) {
     return absl::InvalidArgumentError(
         absl::StrCat("clip_factor: ", call.clip_factor, " must be in (0, 1]"));
   }
+  if (call.step == UINT64_MAX) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("step: ", call.step, " is past any step this server can reach"));
+  }
   MEFT_ASSIGN_OR_RETURN(std::vector<Layer*> layers, ResolveLayers(call.layers, "layers"));
   // Check every layer first so a bad request changes nothing.
-  bool all_applied = true;
   for (Layer* layer : layers) {
     std::lock_guard state_lock(layer->state_mu);
     const uint64_t at = layer->store.step;
@@ -509,8 +525,9 @@ absl::StatusOr<StepReply> ParamServer::Step(const StepCall& call) {
                                                         " does not match layer ", layer->id,
                                                         "'s step ", at));
     }
-    all_applied = all_applied && at == call.step + 1;
   }
+  // Decided while updating, so two concurrent Step(s) calls cannot both claim the work.
+  bool all_applied = true;
   StepReply reply;
   for (Layer* layer : layers) {
     std::unique_lock params_lock(layer->params_mu);
@@ -526,6 +543,7 @@ absl::StatusOr<StepReply> ParamServer::Step(const StepCall& call) {
                                                         " does not match layer ", layer->id,
                                                         "'s step ", st.step));
     }
+    all_applied = false;
     StepReply mine;
     mine.rows_updated = optim::SparseAdamStep(&st.keys, call.lr, call.clip_factor, options_.adam);
     optim::SparseAdamStep(&st.values, call.lr, call.clip_factor, options_.adam);

@@ -48,6 +48,7 @@ struct ServerOptions {
   store::InitOptions init;
   optim::AdamOptions adam;
   int64_t max_tokens = 8192;          // largest T of one lookup
+  int64_t max_response_bytes = 0;     // largest lookup answer (the transport's limit); 0 = any
   std::string checkpoint_dir;         // where SaveCheckpoint writes by default; "" = none
   double step_wait_seconds = 30.0;    // how long an early lookup waits for the previous Step
   std::optional<kernels::Isa> isa;    // kernels to use; unset = the best the CPU supports

@@ -26,6 +26,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/metrics/metrics.h"
@@ -233,7 +234,9 @@ struct Harness {
 std::unique_ptr<Harness> StartHarness(const server::ServerOptions& options,
                                       int max_message_bytes = 64 << 20) {
   auto h = std::make_unique<Harness>();
-  auto server = server::ParamServer::Create(options, &h->registry);
+  server::ServerOptions with_limit = options;
+  with_limit.max_response_bytes = max_message_bytes;  // as meft-param-server's main() does
+  auto server = server::ParamServer::Create(with_limit, &h->registry);
   if (!server.ok()) {
     ADD_FAILURE() << "ParamServer::Create: " << server.status();
     return nullptr;
@@ -653,6 +656,90 @@ TEST(RpcCycleTest, LookupGradientsGradNormStep) {
     if (in_s[r] >= 0) ++reselected;
   }
   EXPECT_GT(reselected, 0) << "no row of step 0 was selected again; the check saw nothing";
+}
+
+TEST(RpcCycleTest, AllPaddingMicroBatchSelectsNothing) {
+  auto h = StartHarness(SmallOptions());
+  ASSERT_NE(h, nullptr);
+  std::mt19937 rng(77);
+  constexpr int64_t T = 3;
+  const Batch batch = RandomBatch(&rng, T, {0, 0, 0});
+  v1::LookupResponse resp;
+  ASSERT_RPC_OK(h->Lookup(MakeLookup(batch, 0, 0, 0, true), &resp));
+  EXPECT_EQ(Shape(resp.row_ids()), (std::vector<int64_t>{0}));
+  EXPECT_EQ(Shape(resp.keys()), (std::vector<int64_t>{0, kDim}));
+  EXPECT_EQ(Shape(resp.values()), (std::vector<int64_t>{0, kDim}));
+  EXPECT_EQ(Shape(resp.token_rows()), (std::vector<int64_t>{T, kTopK}));
+  EXPECT_EQ(Shape(resp.expert_ids()), (std::vector<int64_t>{0}));
+  EXPECT_EQ(Shape(resp.router_rows()), (std::vector<int64_t>{0, kDim}));
+  const Decoded d = Decode(resp);
+  for (int32_t pos : d.token_rows) EXPECT_EQ(pos, -1);
+  for (int32_t pos : d.token_experts) EXPECT_EQ(pos, -1);
+
+  const Grads g = RandomGradsFor(d, T, true, &rng);  // all gate grads zero: every slot is empty
+  v1::GradientsResponse gresp;
+  ASSERT_RPC_OK(h->Gradients(MakeGradients(g, T, 0, 0, 0), &gresp));
+  EXPECT_EQ(gresp.rows_accumulated(), 0u);
+  v1::GradNormRequest norm_req;
+  norm_req.set_step(0);
+  v1::GradNormResponse norm;
+  ASSERT_RPC_OK(h->GradNorm(norm_req, &norm));
+  EXPECT_EQ(norm.squared_norm(), 0.0);
+  v1::StepRequest step;
+  step.set_step(0);
+  step.set_lr(1e-2);
+  step.set_clip_factor(1.0);
+  v1::StepResponse sresp;
+  ASSERT_RPC_OK(h->Step(step, &sresp));
+  EXPECT_EQ(sresp.rows_updated(), 0u);
+  EXPECT_EQ(sresp.server_step(), 1u);
+}
+
+// DESIGN §3 ordering rule: a training lookup of step s+1 that arrives before Step(s) is held
+// until the step is applied, then answered from the new parameters.
+TEST(RpcCycleTest, EarlyLookupIsAnsweredAfterTheStep) {
+  server::ServerOptions o = SmallOptions();
+  o.step_wait_seconds = 60;
+  auto h = StartHarness(o);
+  ASSERT_NE(h, nullptr);
+  std::mt19937 rng(31);
+  constexpr int64_t T = 4;
+  const Batch batch = RandomBatch(&rng, T);
+  v1::LookupResponse resp;
+  ASSERT_RPC_OK(h->Lookup(MakeLookup(batch, 0, 0, 0, true), &resp));
+  const Decoded d = Decode(resp);
+  const Grads g = RandomGradsFor(d, T, true, &rng);
+  v1::GradientsResponse gresp;
+  ASSERT_RPC_OK(h->Gradients(MakeGradients(g, T, 0, 0, 0), &gresp));
+
+  // Whether the early lookup reaches the server before or after the Step, its answer must show
+  // the parameters after Step(0).
+  grpc::Status early_status;
+  v1::LookupResponse early;
+  std::thread client([&] {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    early_status = h->stub->Lookup(&ctx, MakeLookup(batch, 1, 0, 0, true), &early);
+  });
+  grpc::ClientContext ctx;
+  v1::StepRequest step;
+  step.set_step(0);
+  step.set_lr(1e-2);
+  step.set_clip_factor(1.0);
+  v1::StepResponse sresp;
+  const grpc::Status step_status = h->stub->Step(&ctx, step, &sresp);
+  client.join();
+  ASSERT_TRUE(step_status.ok()) << step_status.error_message();
+  ASSERT_TRUE(early_status.ok()) << early_status.error_message();
+  const Decoded d1 = Decode(early);
+  std::set<int32_t> touched(d.rows.begin(), d.rows.end());
+  int moved = 0;
+  for (size_t i = 0; i < d1.rows.size(); ++i) {
+    if (!touched.count(d1.rows[i])) continue;
+    for (int64_t k = 0; k < kDim; ++k) EXPECT_NEAR(std::abs(d1.values[i * kDim + k]), 1e-2, 1e-4);
+    ++moved;
+  }
+  EXPECT_GT(moved, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1148,6 +1235,25 @@ TEST_F(RpcMalformedTest, Checkpoints) {
 
   // Checkpoints of servers shaped differently: rows, then dim, then layers.
   TempDir tmp;
+  {
+    SCOPED_TRACE("save while a Step is half applied");
+    v1::StepRequest step;
+    step.set_step(0);
+    step.set_lr(1e-3);
+    step.set_clip_factor(1.0);
+    step.add_layers(2);
+    v1::StepResponse sresp;
+    ASSERT_RPC_OK(h_->Step(step, &sresp));
+    const uint64_t before = h_->Digest();
+    v1::SaveCheckpointRequest req;
+    req.set_directory(tmp.path() + "/half");
+    v1::SaveCheckpointResponse resp;
+    const grpc::Status s = h_->Save(req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+    EXPECT_EQ(h_->Digest(), before);
+    EXPECT_FALSE(std::filesystem::exists(tmp.path() + "/half/checkpoint-0"));
+    EXPECT_FALSE(std::filesystem::exists(tmp.path() + "/half/checkpoint-1"));
+  }
   auto write_other = [&](const std::string& name, auto edit) {
     server::ServerOptions o = SmallOptions();
     edit(&o);
@@ -1200,6 +1306,60 @@ TEST(RpcOversizeTest, LargeLookupIsRejectedByTheTransport) {
   const Batch small = RandomBatch(&rng, 4);
   ASSERT_RPC_OK(h->Lookup(MakeLookup(small, 0, 0, 0, true), &resp));
   EXPECT_GT(resp.row_ids().data().size(), 0u);
+}
+
+// A small request whose answer would be larger than max_message_bytes: the server refuses it
+// with RESOURCE_EXHAUSTED before caching or counting anything (DESIGN §7: a failed request
+// changes no state).
+TEST(RpcOversizeTest, LookupWhoseAnswerIsTooLargeChangesNoState) {
+  server::ServerOptions o;
+  o.layers = {0};
+  o.rows = 1024;
+  o.dim = 64;
+  o.experts = 16;
+  o.selector.n_probe = 4;
+  o.selector.top_k = 64;
+  auto h = StartHarness(o, /*max_message_bytes=*/64 << 10);
+  ASSERT_NE(h, nullptr);
+  std::mt19937 rng(6);
+  constexpr int64_t T = 16;
+  v1::LookupRequest r;
+  r.mutable_header()->set_step(0);
+  r.set_training(true);
+  r.set_row_dtype(v1::DTYPE_FP32);
+  *r.mutable_x() = Fp32(RandomNormal(&rng, T * 64), {T, 64});
+  ASSERT_LT(r.ByteSizeLong(), 8u << 10);  // the request is small
+  const uint64_t before = h->Digest();
+  v1::LookupResponse resp;
+  const grpc::Status s = h->Lookup(r, &resp);
+  ASSERT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  EXPECT_EQ(h->Digest(), before) << "the failed lookup left a cache entry behind";
+}
+
+TEST(RpcStartTest, NonLoopbackListenerNeedsInsecure) {
+  EXPECT_TRUE(rpc::IsLoopback("127.0.0.1:50051"));
+  EXPECT_TRUE(rpc::IsLoopback("127.1.2.3:0"));
+  EXPECT_TRUE(rpc::IsLoopback("localhost:50051"));
+  EXPECT_TRUE(rpc::IsLoopback("[::1]:50051"));
+  EXPECT_FALSE(rpc::IsLoopback("0.0.0.0:50051"));
+  EXPECT_FALSE(rpc::IsLoopback("[::]:50051"));
+  EXPECT_FALSE(rpc::IsLoopback("10.1.2.3:50051"));
+  EXPECT_FALSE(rpc::IsLoopback("example.com:50051"));
+
+  metrics::Registry registry;
+  auto server = server::ParamServer::Create(SmallOptions(), &registry);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto running = rpc::StartServer({.listen = "0.0.0.0:0"}, server->get(), &registry);
+  ASSERT_FALSE(running.ok());
+  EXPECT_EQ(running.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(running.status().message()), HasSubstr("listen:"));
+}
+
+// A host name that merely starts with "127." can resolve to any address; only numeric 127/8
+// addresses are loopback.
+TEST(RpcStartTest, HostNameStartingWith127IsNotLoopback) {
+  EXPECT_FALSE(rpc::IsLoopback("127.example.com:50051"));
+  EXPECT_FALSE(rpc::IsLoopback("127.0.0.1.nip.io:50051"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1298,6 +1458,74 @@ TEST(RpcModeTest, UngatedPerTokenSendsUnitGatesAndNoRouter) {
   g.gates.clear();
   ASSERT_RPC_OK(h->Gradients(MakeGradients(g, T, 0, 0, 2), &gresp));
   EXPECT_EQ(gresp.rows_accumulated(), static_cast<uint64_t>(n));
+}
+
+// The max_rows cap keeps the rows chosen by the most tokens (ties: lower id) and empties the
+// slots of the others; compared against the uncapped selection of an identical store.
+TEST(RpcModeTest, MaxRowsCapKeepsTheMostChosenRows) {
+  constexpr int64_t kCap = 12;
+  server::ServerOptions capped_options = SmallOptions();
+  capped_options.selector.max_rows = kCap;
+  auto full = StartHarness(SmallOptions());
+  auto capped = StartHarness(capped_options);
+  ASSERT_NE(full, nullptr);
+  ASSERT_NE(capped, nullptr);
+  std::mt19937 rng(17);
+  constexpr int64_t T = 12;
+  const Batch batch = RandomBatch(&rng, T);
+  v1::LookupResponse full_resp, capped_resp;
+  ASSERT_RPC_OK(full->Lookup(MakeLookup(batch, 0, 0, 0, false), &full_resp));
+  ASSERT_RPC_OK(capped->Lookup(MakeLookup(batch, 0, 0, 0, true), &capped_resp));
+  const Decoded f = Decode(full_resp);
+  const Decoded c = Decode(capped_resp);
+  ASSERT_GT(static_cast<int64_t>(f.rows.size()), kCap);
+  EXPECT_EQ(full_resp.rows_dropped(), 0u);
+  EXPECT_EQ(capped_resp.rows_dropped(), f.rows.size() - kCap);
+
+  std::map<int32_t, int> count;
+  for (int32_t pos : f.token_rows) {
+    if (pos >= 0) ++count[f.rows[pos]];
+  }
+  std::vector<int32_t> order = f.rows;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return count[a] > count[b]; });
+  std::vector<int32_t> kept(order.begin(), order.begin() + kCap);
+  std::sort(kept.begin(), kept.end());
+  EXPECT_EQ(c.rows, kept);
+  EXPECT_EQ(Shape(capped_resp.keys()), (std::vector<int64_t>{kCap, kDim}));
+
+  const std::set<int32_t> kept_set(kept.begin(), kept.end());
+  std::set<int32_t> experts;
+  for (int64_t s = 0; s < T * kTopK; ++s) {
+    const int32_t row = f.rows[f.token_rows[s]];
+    if (kept_set.count(row)) {
+      ASSERT_GE(c.token_rows[s], 0) << "slot " << s;
+      EXPECT_EQ(c.rows[c.token_rows[s]], row);
+      EXPECT_EQ(c.token_gates[s], f.token_gates[s]);
+      ASSERT_GE(c.token_experts[s], 0);
+      EXPECT_EQ(c.expert_ids[c.token_experts[s]], row / kRowsPerExpert);
+      experts.insert(row / static_cast<int32_t>(kRowsPerExpert));
+    } else {
+      EXPECT_EQ(c.token_rows[s], -1) << "slot " << s << " holds a dropped row";
+      EXPECT_EQ(c.token_experts[s], -1);
+    }
+  }
+  EXPECT_EQ(c.expert_ids, std::vector<int32_t>(experts.begin(), experts.end()));
+
+  // A gate gradient on a slot emptied by the cap is rejected.
+  Grads g = RandomGradsFor(c, T, true, &rng);
+  const auto dropped = std::find(c.token_rows.begin(), c.token_rows.end(), -1);
+  ASSERT_NE(dropped, c.token_rows.end());
+  g.gates[dropped - c.token_rows.begin()] = 0.5f;
+  const uint64_t before = capped->Digest();
+  v1::GradientsResponse gresp;
+  const grpc::Status s = capped->Gradients(MakeGradients(g, T, 0, 0, 0), &gresp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("gate_grads.data:"));
+  EXPECT_EQ(capped->Digest(), before);
+  g.gates[dropped - c.token_rows.begin()] = 0.0f;
+  ASSERT_RPC_OK(capped->Gradients(MakeGradients(g, T, 0, 0, 0), &gresp));
+  EXPECT_EQ(gresp.rows_accumulated(), static_cast<uint64_t>(kCap));
 }
 
 // ---------------------------------------------------------------------------------------------
