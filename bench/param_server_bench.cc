@@ -53,9 +53,9 @@ enum InputKind : int64_t { kRandom = 0, kClustered = 1 };
 
 // Blocking of the brute-force scan. A task is (token block, key block); inside it the kernel
 // runs over token chunks against the same key block, so the key block (64 rows, 1 MiB) stays in
-// a 2 MiB L2 while tokens stream past it. Chosen as the fastest of several {token, key} sizes
-// (single-thread CPU time) on the machine of README.md: about 83 GFLOP/s per core against 67
-// for Select's 32 x 128 tiles.
+// a 2 MiB L2 while tokens stream past it. Chosen as the fastest of several blockings on the
+// machine of README.md: 245 ms at r = 8464 on 2 threads, against 330 ms for the token-major
+// 32 x 128 tiles Select uses for its scores.
 constexpr int64_t kBruteTokenBlock = 256;
 constexpr int64_t kBruteTokenChunk = 32;
 constexpr int64_t kBruteKeyBlock = 64;
@@ -83,7 +83,8 @@ void Release(std::vector<float>& v) { std::vector<float>().swap(v); }
 // keys and router are kept: Select reads nothing else, and the values and optimizer state are
 // seven more r x d arrays (3.5 GiB at r = 32768).
 std::map<std::pair<int64_t, int64_t>, std::unique_ptr<store::LayerStore>>& StoreCache() {
-  static auto* cache = new std::map<std::pair<int64_t, int64_t>, std::unique_ptr<store::LayerStore>>;
+  static auto* cache =
+      new std::map<std::pair<int64_t, int64_t>, std::unique_ptr<store::LayerStore>>;
   return *cache;
 }
 
@@ -92,7 +93,8 @@ const store::LayerStore& GetStore(int64_t rows, int64_t experts) {
   if (slot == nullptr) {
     store::InitOptions init;
     init.seed = 1;
-    absl::StatusOr<store::LayerStore> created = store::LayerStore::Create(0, rows, kDim, experts, init);
+    absl::StatusOr<store::LayerStore> created =
+        store::LayerStore::Create(0, rows, kDim, experts, init);
     if (!created.ok()) {
       std::fprintf(stderr, "LayerStore::Create(r=%lld, E=%lld): %s\n", static_cast<long long>(rows),
                    static_cast<long long>(experts), created.status().ToString().c_str());
@@ -173,21 +175,23 @@ class BruteForce {
           const int64_t k0 = b.cols().begin();
           for (int64_t t0 = b.rows().begin(); t0 < b.rows().end(); t0 += kBruteTokenChunk) {
             kernels_.dot_tile(a_rows.data() + t0, std::min(kBruteTokenChunk, b.rows().end() - t0),
-                              store_.keys.Row(k0), b.cols().size(), d, scores_.data() + t0 * r + k0, r);
+                              store_.keys.Row(k0), b.cols().size(), d, scores_.data() + t0 * r + k0,
+                              r);
           }
         });
 
-    tbb::parallel_for(tbb::blocked_range<int64_t>(0, num_tokens), [&](const tbb::blocked_range<int64_t>& b) {
-      std::vector<int32_t> idx(static_cast<size_t>(r));
-      for (int64_t t = b.begin(); t != b.end(); ++t) {
-        const float* s = scores_.data() + t * r;
-        std::iota(idx.begin(), idx.end(), 0);
-        std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [s](int32_t u, int32_t v) {
-          return s[u] > s[v] || (s[u] == s[v] && u < v);
+    tbb::parallel_for(
+        tbb::blocked_range<int64_t>(0, num_tokens), [&](const tbb::blocked_range<int64_t>& b) {
+          std::vector<int32_t> idx(static_cast<size_t>(r));
+          for (int64_t t = b.begin(); t != b.end(); ++t) {
+            const float* s = scores_.data() + t * r;
+            std::iota(idx.begin(), idx.end(), 0);
+            std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [s](int32_t u, int32_t v) {
+              return s[u] > s[v] || (s[u] == s[v] && u < v);
+            });
+            std::copy(idx.begin(), idx.begin() + k, slots_.begin() + t * k);
+          }
         });
-        std::copy(idx.begin(), idx.begin() + k, slots_.begin() + t * k);
-      }
-    });
 
     std::vector<int32_t> rows(slots_.begin(), slots_.end());
     std::sort(rows.begin(), rows.end());
@@ -207,7 +211,8 @@ class BruteForce {
 // |S| and |S| / (T * top_k) of the last iteration.
 void SetUnionCounters(benchmark::State& state, int64_t union_rows) {
   state.counters["S"] = static_cast<double>(union_rows);
-  state.counters["S_ratio"] = static_cast<double>(union_rows) / static_cast<double>(kTokens * kTopK);
+  state.counters["S_ratio"] =
+      static_cast<double>(union_rows) / static_cast<double>(kTokens * kTopK);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -224,7 +229,8 @@ void BM_SelectKeyExperts(benchmark::State& state) {
   options.top_k = kTopK;
   int64_t union_rows = 0;
   for (auto _ : state) {
-    routing::Selection sel = routing::Select(store, x.data(), kTokens, nullptr, options, kernels::Best());
+    routing::Selection sel =
+        routing::Select(store, x.data(), kTokens, nullptr, options, kernels::Best());
     union_rows = static_cast<int64_t>(sel.rows.size());
     benchmark::DoNotOptimize(sel.rows.data());
   }
@@ -245,7 +251,8 @@ void BM_SelectNoExperts(benchmark::State& state) {
   options.gated = false;
   int64_t union_rows = 0;
   for (auto _ : state) {
-    routing::Selection sel = routing::Select(store, x.data(), kTokens, nullptr, options, kernels::Best());
+    routing::Selection sel =
+        routing::Select(store, x.data(), kTokens, nullptr, options, kernels::Best());
     union_rows = static_cast<int64_t>(sel.rows.size());
     benchmark::DoNotOptimize(sel.rows.data());
   }
@@ -265,8 +272,9 @@ void BM_BruteForceScan(benchmark::State& state) {
     benchmark::DoNotOptimize(s.data());
   }
   SetUnionCounters(state, union_rows);
-  state.counters["GFLOP/s"] = benchmark::Counter(
-      2.0 * kTokens * rows * kDim * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * kTokens * rows * kDim * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,7 +312,8 @@ void BM_SparseAdamStep(benchmark::State& state) {
     for (int64_t i = 0; i < touched; ++i) {
       const int32_t row = block.touched_rows[i];
       block.touched[row] = 1;
-      std::memcpy(block.grad.data() + int64_t{row} * kDim, grads.data() + i * kDim, kDim * sizeof(float));
+      std::memcpy(block.grad.data() + int64_t{row} * kDim, grads.data() + i * kDim,
+                  kDim * sizeof(float));
     }
     const auto start = std::chrono::steady_clock::now();
     updated += optim::SparseAdamStep(&block, 1e-3, 1.0, options);
@@ -312,10 +321,10 @@ void BM_SparseAdamStep(benchmark::State& state) {
     state.SetIterationTime(std::chrono::duration<double>(stop - start).count());
   }
   state.counters["touched_rows"] = static_cast<double>(touched);
-  state.counters["bytes_per_iter"] =
-      kAdamBytesPerParam * static_cast<double>(updated) * kDim / static_cast<double>(state.iterations());
-  state.counters["GB/s"] = benchmark::Counter(kAdamBytesPerParam * static_cast<double>(updated) * kDim,
-                                              benchmark::Counter::kIsRate);
+  state.counters["bytes_per_iter"] = kAdamBytesPerParam * static_cast<double>(updated) * kDim /
+                                     static_cast<double>(state.iterations());
+  state.counters["GB/s"] = benchmark::Counter(
+      kAdamBytesPerParam * static_cast<double>(updated) * kDim, benchmark::Counter::kIsRate);
 }
 
 // a[i] = b[i] + s * c[i] over range(0) floats per array, oneTBB-parallel with the Adam step's
@@ -325,21 +334,23 @@ void BM_StreamTriad(benchmark::State& state) {
   std::unique_ptr<float[]> a(new float[n]);
   std::unique_ptr<float[]> b(new float[n]);
   std::unique_ptr<float[]> c(new float[n]);
-  tbb::parallel_for(tbb::blocked_range<size_t>(0, n, kTriadGrain), [&](const tbb::blocked_range<size_t>& r) {
-    for (size_t i = r.begin(); i != r.end(); ++i) {
-      a[i] = 0.0f;
-      b[i] = 1.0f;
-      c[i] = 2.0f;
-    }
-  });
+  tbb::parallel_for(tbb::blocked_range<size_t>(0, n, kTriadGrain),
+                    [&](const tbb::blocked_range<size_t>& r) {
+                      for (size_t i = r.begin(); i != r.end(); ++i) {
+                        a[i] = 0.0f;
+                        b[i] = 1.0f;
+                        c[i] = 2.0f;
+                      }
+                    });
   const float s = 3.0f;
   for (auto _ : state) {
-    tbb::parallel_for(tbb::blocked_range<size_t>(0, n, kTriadGrain), [&](const tbb::blocked_range<size_t>& r) {
-      float* __restrict pa = a.get();
-      const float* __restrict pb = b.get();
-      const float* __restrict pc = c.get();
-      for (size_t i = r.begin(); i != r.end(); ++i) pa[i] = pb[i] + s * pc[i];
-    });
+    tbb::parallel_for(tbb::blocked_range<size_t>(0, n, kTriadGrain),
+                      [&](const tbb::blocked_range<size_t>& r) {
+                        float* __restrict pa = a.get();
+                        const float* __restrict pb = b.get();
+                        const float* __restrict pc = c.get();
+                        for (size_t i = r.begin(); i != r.end(); ++i) pa[i] = pb[i] + s * pc[i];
+                      });
     benchmark::ClobberMemory();
   }
   state.counters["MiB_per_array"] = static_cast<double>(n * sizeof(float)) / (1 << 20);
@@ -357,7 +368,8 @@ void BM_StreamTriad(benchmark::State& state) {
 class CapturingReporter : public benchmark::BenchmarkReporter {
  public:
   struct Result {
-    double ms = 0.0;  // mean real (or manual) time per iteration
+    double ms = 0.0;      // mean real (or manual) time per iteration
+    double cpu_ms = 0.0;  // mean CPU time of the benchmark's main thread per iteration
     int runs = 0;
     std::map<std::string, double> counters;  // of the last run
   };
@@ -371,7 +383,9 @@ class CapturingReporter : public benchmark::BenchmarkReporter {
       if (run.error_occurred || run.run_type != Run::RT_Iteration) continue;
       Result& result = results_[run.run_name.function_name + "/" + run.run_name.args];
       const double ms = run.GetAdjustedRealTime() * ToMilliseconds(run.time_unit);
+      const double cpu_ms = run.GetAdjustedCPUTime() * ToMilliseconds(run.time_unit);
       result.ms = (result.ms * result.runs + ms) / (result.runs + 1);
+      result.cpu_ms = (result.cpu_ms * result.runs + cpu_ms) / (result.runs + 1);
       ++result.runs;
       for (const auto& [name, counter] : run.counters) result.counters[name] = counter.value;
     }
@@ -420,10 +434,11 @@ std::string Fmt(const char* format, double value, bool present) {
 }
 
 void PrintSummary(const CapturingReporter& results, int64_t triad_elements) {
-  std::printf("\n==== Summary: d=%lld T=%lld top_k=%lld n_probe=%lld, kernel %s, %d TBB threads ====\n",
-              static_cast<long long>(kDim), static_cast<long long>(kTokens),
-              static_cast<long long>(kTopK), static_cast<long long>(kProbe),
-              std::string(kernels::Best().name).c_str(), tbb::info::default_concurrency());
+  std::printf(
+      "\n==== Summary: d=%lld T=%lld top_k=%lld n_probe=%lld, kernel %s, %d TBB threads ====\n",
+      static_cast<long long>(kDim), static_cast<long long>(kTokens), static_cast<long long>(kTopK),
+      static_cast<long long>(kProbe), std::string(kernels::Best().name).c_str(),
+      tbb::info::default_concurrency());
 
   std::printf("\nSelection time per micro-batch (ms; random inputs unless noted)\n");
   std::printf("%-6s %-4s %10s %12s %9s %9s %13s %8s %4s %10s %10s\n", "r", "E", "key-exp",
@@ -441,30 +456,50 @@ void PrintSummary(const CapturingReporter& results, int64_t triad_elements) {
     const int64_t experts = store::DefaultExperts(rows);
     const double flop_ratio =
         static_cast<double>(rows) / static_cast<double>(experts + kProbe * (rows / experts));
-    std::printf("%-6lld %-4lld %10s %12s %9s %9s %13s %8s %4s %10s %10s\n", static_cast<long long>(rows),
-                static_cast<long long>(experts),
-                Fmt("%.2f", ke ? ke->ms : 0, ke).c_str(), Fmt("%.2f", ke_cl ? ke_cl->ms : 0, ke_cl).c_str(),
+    std::printf("%-6lld %-4lld %10s %12s %9s %9s %13s %8s %4s %10s %10s\n",
+                static_cast<long long>(rows), static_cast<long long>(experts),
+                Fmt("%.2f", ke ? ke->ms : 0, ke).c_str(),
+                Fmt("%.2f", ke_cl ? ke_cl->ms : 0, ke_cl).c_str(),
                 Fmt("%.1f", e1 ? e1->ms : 0, e1).c_str(), Fmt("%.1f", bf ? bf->ms : 0, bf).c_str(),
                 Fmt("%.1fx", speedup, have_speedup).c_str(), Fmt(">= %.0fx", target, true).c_str(),
                 have_speedup ? (speedup >= target ? "yes" : "NO") : "n/a",
-                Fmt("%.1fx", flop_ratio, true).c_str(), Fmt("%.2fx", (bf && e1) ? bf->ms / e1->ms : 0, bf && e1).c_str());
+                Fmt("%.1fx", flop_ratio, true).c_str(),
+                Fmt("%.2fx", (bf && e1) ? bf->ms / e1->ms : 0, bf && e1).c_str());
+  }
+
+  // The main thread works in every parallel loop of these benchmarks, so on idle cores its CPU
+  // time is close to the real time. Much less means other processes took the cores.
+  for (const char* family : {"BM_SelectKeyExperts", "BM_SelectNoExperts", "BM_BruteForceScan"}) {
+    for (int64_t rows : {kRowsSmall, kRowsLarge}) {
+      for (int64_t kind : {kRandom, kClustered}) {
+        const auto* res = results.Find(SelectKey(family, rows, kind));
+        if (res != nullptr && res->cpu_ms < 0.85 * res->ms) {
+          std::printf(
+              "warning: %s ran with main-thread CPU time at %.0f%% of real time: other "
+              "processes competed for the cores; its time and ratios are not valid.\n",
+              SelectKey(family, rows, kind).c_str(), 100.0 * res->cpu_ms / res->ms);
+        }
+      }
+    }
   }
 
   std::printf("\n|S| / (T*top_k)  (T*top_k = %lld)\n", static_cast<long long>(kTokens * kTopK));
-  std::printf("%-6s %16s %16s %16s %16s\n", "r", "key-exp random", "key-exp cluster", "brute random",
-              "brute cluster");
+  std::printf("%-6s %16s %16s %16s %16s\n", "r", "key-exp random", "key-exp cluster",
+              "brute random", "brute cluster");
   for (int64_t rows : {kRowsSmall, kRowsLarge}) {
     auto ratio = [&](const char* family, int64_t kind) {
       const auto* res = results.Find(SelectKey(family, rows, kind));
       if (res == nullptr) return std::string("n/a");
       char buf[64];
-      std::snprintf(buf, sizeof buf, "%.3f (%.0f)", res->counters.at("S_ratio"), res->counters.at("S"));
+      std::snprintf(buf, sizeof buf, "%.3f (%.0f)", res->counters.at("S_ratio"),
+                    res->counters.at("S"));
       return std::string(buf);
     };
     std::printf("%-6lld %16s %16s %16s %16s\n", static_cast<long long>(rows),
                 ratio("BM_SelectKeyExperts", kRandom).c_str(),
                 ratio("BM_SelectKeyExperts", kClustered).c_str(),
-                ratio("BM_BruteForceScan", kRandom).c_str(), ratio("BM_BruteForceScan", kClustered).c_str());
+                ratio("BM_BruteForceScan", kRandom).c_str(),
+                ratio("BM_BruteForceScan", kClustered).c_str());
   }
 
   const auto* adam = results.Find("BM_SparseAdamStep/r:" + std::to_string(kAdamRows) +
@@ -474,10 +509,11 @@ void PrintSummary(const CapturingReporter& results, int64_t triad_elements) {
     return r == nullptr ? 0.0 : r->counters.at("bytes_per_iter") / (r->ms * 1e-3) / 1e9;
   };
   std::printf("\nLazy Adam vs STREAM triad (GB/s = 1e9 B/s)\n");
-  std::printf("  SparseAdamStep r=%lld d=%lld, %lld touched rows, 28 B/param: %s ms/step, %s GB/s\n",
-              static_cast<long long>(kAdamRows), static_cast<long long>(kDim),
-              static_cast<long long>(kAdamTouched), Fmt("%.2f", adam ? adam->ms : 0, adam).c_str(),
-              Fmt("%.2f", gbps(adam), adam).c_str());
+  std::printf(
+      "  SparseAdamStep r=%lld d=%lld, %lld touched rows, 28 B/param: %s ms/step, %s GB/s\n",
+      static_cast<long long>(kAdamRows), static_cast<long long>(kDim),
+      static_cast<long long>(kAdamTouched), Fmt("%.2f", adam ? adam->ms : 0, adam).c_str(),
+      Fmt("%.2f", gbps(adam), adam).c_str());
   std::printf("  STREAM triad, 12 B/element (write-allocate not counted): %s GB/s\n",
               Fmt("%.2f", gbps(triad), triad).c_str());
   const bool have_ratio = adam != nullptr && triad != nullptr;
@@ -570,7 +606,8 @@ int main(int argc, char** argv) {
     std::printf("r=%lld: DefaultExperts=%lld (%lld keys per expert; 4*ceil(sqrt(r)) = %lld)\n",
                 static_cast<long long>(rows), static_cast<long long>(store::DefaultExperts(rows)),
                 static_cast<long long>(rows / store::DefaultExperts(rows)),
-                static_cast<long long>(4 * static_cast<int64_t>(std::ceil(std::sqrt(double(rows))))));
+                static_cast<long long>(
+                    4 * static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(rows))))));
   }
   std::printf("STREAM triad: 3 arrays of %lld MiB\n\n",
               static_cast<long long>(triad_elements * static_cast<int64_t>(sizeof(float)) >> 20));

@@ -13,6 +13,8 @@ packages=(
   libtbb-dev prometheus-cpp-dev libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libspdlog-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev
+  # the worker: LibTorch (CPU build; CUDA builds bring their own) and SentencePiece
+  libtorch-dev libsentencepiece-dev
   # promtool validates our metrics exposition in the tests
   prometheus
   # an optimised BLAS for LibTorch's CPU matrix products (see README "BLAS")
