@@ -12,10 +12,10 @@
 #define MEFT_STATUS_CONCAT_(a, b) MEFT_STATUS_CONCAT_INNER_(a, b)
 
 // Returns from the enclosing function if `expr` (an absl::Status) is not OK.
-#define MEFT_RETURN_IF_ERROR(expr)                       \
-  do {                                                   \
-    ::absl::Status meft_status_ = (expr);                \
-    if (!meft_status_.ok()) return meft_status_;         \
+#define MEFT_RETURN_IF_ERROR(expr)               \
+  do {                                           \
+    ::absl::Status meft_status_ = (expr);        \
+    if (!meft_status_.ok()) return meft_status_; \
   } while (false)
 
 // `MEFT_ASSIGN_OR_RETURN(auto x, Foo())`: evaluates Foo() (an absl::StatusOr<T>), returns its
@@ -25,5 +25,5 @@
 
 #define MEFT_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr) \
   auto tmp = (expr);                                \
-  if (!tmp.ok()) return std::move(tmp).status();   \
+  if (!tmp.ok()) return std::move(tmp).status();    \
   lhs = std::move(tmp).value()

@@ -51,8 +51,9 @@ absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
   meft::metrics::Registry registry;
   std::unique_ptr<meft::metrics::Exposer> exposer;
   if (config.metrics) {
-    MEFT_ASSIGN_OR_RETURN(exposer, meft::metrics::Exposer::Start(
-                                       MetricsAddress(config.listen, config.metrics_port), registry));
+    MEFT_ASSIGN_OR_RETURN(
+        exposer, meft::metrics::Exposer::Start(MetricsAddress(config.listen, config.metrics_port),
+                                               registry));
   }
   spdlog::info("initialising {} layers of r={} d={}", options.layers.size(), options.rows,
                options.dim);
@@ -69,11 +70,17 @@ absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
         return absl::InvalidArgumentError("restore: \"latest\" needs checkpoint_dir");
       }
       auto latest = meft::checkpoint::FindLatest(config.checkpoint_dir);
-      path = latest.ok() ? *latest : "";
-      if (path.empty()) spdlog::info("no checkpoint under {}; starting fresh", config.checkpoint_dir);
+      if (latest.ok()) {
+        path = *latest;
+      } else if (absl::IsNotFound(latest.status())) {
+        path.clear();
+        spdlog::info("no checkpoint under {}; starting fresh", config.checkpoint_dir);
+      } else {
+        return latest.status();
+      }
     }
     if (!path.empty()) {
-      MEFT_ASSIGN_OR_RETURN(auto restored, server->RestoreCheckpoint(path));
+      MEFT_ASSIGN_OR_RETURN(auto restored, server->RestoreCheckpoint(path, /*confine=*/false));
       spdlog::info("resumed from {} at step {}", restored.path, restored.step);
     }
   }
@@ -87,6 +94,7 @@ absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);
   spdlog::info("{} received: shutting down", strsignal(signal_number));
+  server->BeginShutdown();  // release lookups waiting for a Step
   running->Shutdown(/*grace_seconds=*/5.0);
   if (!config.checkpoint_dir.empty()) {
     auto saved = server->SaveCheckpoint("");

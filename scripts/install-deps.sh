@@ -6,7 +6,7 @@ set -euo pipefail
 
 packages=(
   # toolchain
-  build-essential cmake pkgconf git
+  build-essential cmake pkgconf
   # RPC and wire format
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   # parallelism, metrics, config, logging, CLI
@@ -17,7 +17,7 @@ packages=(
   libtorch-dev libsentencepiece-dev
   # promtool validates our metrics exposition in the tests
   prometheus
-  # an optimised BLAS for LibTorch's CPU matrix products (see README "BLAS")
+  # an optimised BLAS for LibTorch's CPU matrix products (without it, the reference BLAS)
   libopenblas0-pthread
 )
 

@@ -146,29 +146,14 @@ absl::Status ReplaceDirectoryAtomically(const std::string& tmp_dir, const std::s
     return FsyncDirectory(parent);
   }
 
-  const std::string old_path = absl::StrCat(final_path, ".old-", ::getpid());
-  // A leftover from an earlier process that had the same pid; it is garbage by construction.
-  MEFT_RETURN_IF_ERROR(RemoveAll(old_path));
-  if (::rename(final_path.c_str(), old_path.c_str()) != 0) {
+  // Swap the two names in one step: final_path names the old or the new directory at every
+  // instant, never neither. Then the old content (now under tmp) is removed.
+  if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_path.c_str(), RENAME_EXCHANGE) != 0) {
     const int error_number = errno;
-    return ErrnoError(error_number, absl::StrCat("rename '", final_path, "' to"), old_path);
-  }
-  if (::rename(tmp.c_str(), final_path.c_str()) != 0) {
-    const int error_number = errno;
-    absl::Status status =
-        ErrnoError(error_number, absl::StrCat("rename '", tmp, "' to"), final_path);
-    if (::rename(old_path.c_str(), final_path.c_str()) != 0) {
-      const int rollback_errno = errno;
-      absl::Status rollback = ErrnoError(
-          rollback_errno,
-          absl::StrCat("; moving the previous directory back to '", final_path, "' from"),
-          old_path);
-      return absl::Status(status.code(), absl::StrCat(status.message(), rollback.message()));
-    }
-    return status;
+    return ErrnoError(error_number, absl::StrCat("exchange '", tmp, "' with"), final_path);
   }
   MEFT_RETURN_IF_ERROR(FsyncDirectory(parent));
-  return RemoveAll(old_path);
+  return RemoveAll(tmp);
 }
 
 absl::StatusOr<std::string> ReadFile(const std::string& path) {

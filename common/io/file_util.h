@@ -39,14 +39,11 @@ absl::Status RemoveAll(const std::string& path);
 // system as `final_dir` (rename(2) must work).
 //
 // If `final_dir` does not exist, renames `tmp_dir` to `final_dir` and fsyncs the parent of
-// `final_dir`. Otherwise renames `final_dir` to `final_dir + ".old-<pid>"`, renames `tmp_dir` to
-// `final_dir`, fsyncs the parent and removes the old directory. `final_dir` therefore always
-// names either the previous complete directory, nothing (for an instant between the two
-// renames; after a crash there, the previous content is under the ".old-<pid>" name) or the new
-// complete directory; never a half-written one. If the second rename fails, the old directory is
-// moved back to `final_dir` before the error is returned. If a step after the second rename fails
-// (fsync of the parent, removal of the old directory), the new directory is in place and a
-// ".old-<pid>" directory may be left behind.
+// `final_dir`. Otherwise exchanges the two names atomically (renameat2 RENAME_EXCHANGE, Linux >=
+// 3.15 on a file system that supports it; an error otherwise), fsyncs the parent and removes the
+// old content, now under `tmp_dir`. `final_dir` therefore names, at every instant and after a
+// crash at any point, either the previous complete directory or the new complete one. If the
+// removal of the old content fails, the new directory is in place and `tmp_dir` is left behind.
 //
 // Not safe against concurrent writers of the same `final_dir`; callers serialize.
 absl::Status ReplaceDirectoryAtomically(const std::string& tmp_dir, const std::string& final_dir);

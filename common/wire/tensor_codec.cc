@@ -69,7 +69,8 @@ std::string ShapeString(std::span<const int64_t> shape) {
                       "]");
 }
 
-absl::Status CheckTensor(const WireTensor& tensor, absl::string_view field, const TensorSpec& spec) {
+absl::Status CheckTensor(const WireTensor& tensor, absl::string_view field,
+                         const TensorSpec& spec) {
   bool dtype_ok = false;
   for (DType d : spec.dtypes) dtype_ok |= (d == tensor.dtype);
   if (!dtype_ok) {
@@ -84,9 +85,8 @@ absl::Status CheckTensor(const WireTensor& tensor, absl::string_view field, cons
     shape_ok = tensor.shape[i] >= 0 && (spec.shape[i] < 0 || spec.shape[i] == tensor.shape[i]);
   }
   if (!shape_ok) {
-    return absl::InvalidArgumentError(absl::StrCat(field, ".shape: expected ",
-                                                   ShapeString(spec.shape), ", got ",
-                                                   ShapeString(tensor.shape)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ".shape: expected ", ShapeString(spec.shape), ", got ", ShapeString(tensor.shape)));
   }
   int64_t numel = 1;
   for (int64_t d : tensor.shape) {
@@ -104,9 +104,9 @@ absl::Status CheckTensor(const WireTensor& tensor, absl::string_view field, cons
   }
   const uint64_t expected = static_cast<uint64_t>(numel) * DTypeSize(tensor.dtype);
   if (tensor.data.size() != expected) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        field, ".data: ", tensor.data.size(), " bytes, expected ", expected, " for ",
-        DTypeName(tensor.dtype), " ", ShapeString(tensor.shape)));
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".data: ", tensor.data.size(), " bytes, expected ", expected, " for ",
+                     DTypeName(tensor.dtype), " ", ShapeString(tensor.shape)));
   }
   return absl::OkStatus();
 }

@@ -43,8 +43,8 @@ struct Tensor {
 // Expected form of a tensor. A dim of -1 in `shape` matches any size (and is bound by the
 // caller afterwards); `shape.size()` is the required rank.
 struct TensorSpec {
-  std::vector<DType> dtypes;     // accepted dtypes
-  std::vector<int64_t> shape;    // expected dims, -1 = any
+  std::vector<DType> dtypes;   // accepted dtypes
+  std::vector<int64_t> shape;  // expected dims, -1 = any
   int64_t max_elements = int64_t{1} << 34;
 };
 

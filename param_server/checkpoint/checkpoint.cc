@@ -1,7 +1,9 @@
 #include "param_server/checkpoint/checkpoint.h"
 
+#include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 #include <map>
 
@@ -70,7 +72,8 @@ absl::Status Field(const json& j, const std::string& file, const char* key, T* o
   } else {
     ok = it->is_array();
     if (ok) {
-      for (const auto& e : *it) ok = ok && e.is_number_unsigned() && e.get<uint64_t>() <= UINT32_MAX;
+      for (const auto& e : *it)
+        ok = ok && e.is_number_unsigned() && e.get<uint64_t>() <= UINT32_MAX;
     }
   }
   if (!ok) {
@@ -156,10 +159,29 @@ absl::StatusOr<AdapterConfig> ReadConfig(const std::string& dir) {
 
 std::string CheckpointName(uint64_t step) { return absl::StrCat("checkpoint-", step); }
 
+namespace {
+
+// Removes checkpoint-<step>.tmp-<pid> folders left by processes that died while writing.
+absl::Status RemoveAbandonedTemporaries(const std::string& root) {
+  MEFT_ASSIGN_OR_RETURN(std::vector<std::string> names, io::ListDirectory(root));
+  for (const std::string& name : names) {
+    const size_t at = name.rfind(".tmp-");
+    if (name.rfind("checkpoint-", 0) != 0 || at == std::string::npos) continue;
+    int pid;
+    if (!absl::SimpleAtoi(name.substr(at + 5), &pid) || pid == ::getpid()) continue;
+    if (::kill(pid, 0) == 0 || errno != ESRCH) continue;  // its writer may still be running
+    MEFT_RETURN_IF_ERROR(io::RemoveAll(absl::StrCat(root, "/", name)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<uint64_t> Write(const std::string& root, uint64_t step, const AdapterConfig& config,
                                const std::vector<const store::LayerStore*>& layers,
                                const WriteOptions& options) {
   MEFT_RETURN_IF_ERROR(io::CreateDirectories(root));
+  MEFT_RETURN_IF_ERROR(RemoveAbandonedTemporaries(root));
   const std::string final_dir = absl::StrCat(root, "/", CheckpointName(step));
   const std::string tmp_dir = absl::StrCat(final_dir, ".tmp-", ::getpid());
   MEFT_RETURN_IF_ERROR(io::RemoveAll(tmp_dir));
@@ -178,7 +200,8 @@ absl::StatusOr<uint64_t> Write(const std::string& root, uint64_t step, const Ada
         {"keys", &layer->keys}, {"values", &layer->values}, {"router", &layer->router}};
     for (const auto& [name, block] : blocks) {
       const std::vector<int64_t> shape = {block->rows, block->dim};
-      model.push_back({TensorName(layer->layer, name), st::DType::kF32, shape, Bytes(block->param)});
+      model.push_back(
+          {TensorName(layer->layer, name), st::DType::kF32, shape, Bytes(block->param)});
       optimizer.push_back({TensorName(layer->layer, name, "exp_avg"), st::DType::kF32, shape,
                            Bytes(block->exp_avg)});
       optimizer.push_back({TensorName(layer->layer, name, "exp_avg_sq"), st::DType::kF32, shape,
@@ -198,10 +221,12 @@ absl::StatusOr<uint64_t> Write(const std::string& root, uint64_t step, const Ada
   stage(kOptimizerFile);
 
   const std::string config_text = ConfigToJson(config).dump(2) + "\n";
-  MEFT_RETURN_IF_ERROR(io::WriteFileDurably(absl::StrCat(tmp_dir, "/", kConfigFile), {config_text}));
+  MEFT_RETURN_IF_ERROR(
+      io::WriteFileDurably(absl::StrCat(tmp_dir, "/", kConfigFile), {config_text}));
   bytes += config_text.size();
   stage(kConfigFile);
-  const std::string state_text = json{{"global_step", step}, {"writer", "meft-param-server"}}.dump(2) + "\n";
+  const std::string state_text =
+      json{{"global_step", step}, {"writer", "meft-param-server"}}.dump(2) + "\n";
   MEFT_RETURN_IF_ERROR(io::WriteFileDurably(absl::StrCat(tmp_dir, "/", kStateFile), {state_text}));
   bytes += state_text.size();
   stage(kStateFile);
@@ -237,8 +262,10 @@ absl::StatusOr<Loaded> Read(const std::string& dir) {
       block->Allocate(rows, c.dim);
       const std::vector<int64_t> shape = {rows, c.dim};
       MEFT_RETURN_IF_ERROR(ReadFloats(*model, TensorName(l, name), shape, &block->param));
-      MEFT_RETURN_IF_ERROR(ReadFloats(*optimizer, TensorName(l, name, "exp_avg"), shape, &block->exp_avg));
-      MEFT_RETURN_IF_ERROR(ReadFloats(*optimizer, TensorName(l, name, "exp_avg_sq"), shape, &block->exp_avg_sq));
+      MEFT_RETURN_IF_ERROR(
+          ReadFloats(*optimizer, TensorName(l, name, "exp_avg"), shape, &block->exp_avg));
+      MEFT_RETURN_IF_ERROR(
+          ReadFloats(*optimizer, TensorName(l, name, "exp_avg_sq"), shape, &block->exp_avg_sq));
       MEFT_ASSIGN_OR_RETURN(block->adam_step, ReadStep(*optimizer, TensorName(l, name, "step")));
     }
     out.layers.push_back(std::move(layer));

@@ -12,10 +12,10 @@
 #include <cstdint>
 #include <functional>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "param_server/store/layer_store.h"
 
 namespace meft::checkpoint {
@@ -28,7 +28,7 @@ struct AdapterConfig {
   int64_t n_probe = 0;
   int64_t top_k = 0;
   int64_t max_rows = 0;
-  std::string mode;         // "per_token" | "union"
+  std::string mode;  // "per_token" | "union"
   bool gated = true;
   std::vector<uint32_t> layers;
   uint64_t seed = 0;

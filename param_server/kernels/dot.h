@@ -17,8 +17,8 @@ enum class Isa { kGeneric, kAvx2, kAvx512 };
 
 // out[i * ldo + j] = Dot(a[i], b + j * d, d) for i < na, j < nb. `a` holds na row pointers
 // (rows need not be contiguous), `b` is nb contiguous rows of d floats. No alignment needed.
-using DotTileFn = void (*)(const float* const* a, int64_t na, const float* b, int64_t nb,
-                           int64_t d, float* out, int64_t ldo);
+using DotTileFn = void (*)(const float* const* a, int64_t na, const float* b, int64_t nb, int64_t d,
+                           float* out, int64_t ldo);
 using DotFn = float (*)(const float* a, const float* b, int64_t d);
 
 struct Kernels {

@@ -20,20 +20,21 @@ void AccumulateRows(store::ParamBlock* block, std::span<const int32_t> rows, con
   const int64_t dim = block->dim;
   const int64_t n = static_cast<int64_t>(rows.size());
   std::vector<uint8_t> fresh(rows.size(), 0);
-  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, GrainRows(dim)), [&](const tbb::blocked_range<int64_t>& r) {
-    for (int64_t i = r.begin(); i != r.end(); ++i) {
-      const int32_t row = rows[i];
-      float* dst = block->grad.data() + int64_t{row} * dim;
-      const float* src = grads + i * dim;
-      if (block->touched[row] == 0) {
-        std::memcpy(dst, src, static_cast<size_t>(dim) * sizeof(float));
-        block->touched[row] = 1;
-        fresh[i] = 1;
-      } else {
-        for (int64_t j = 0; j < dim; ++j) dst[j] += src[j];
-      }
-    }
-  });
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, GrainRows(dim)),
+                    [&](const tbb::blocked_range<int64_t>& r) {
+                      for (int64_t i = r.begin(); i != r.end(); ++i) {
+                        const int32_t row = rows[i];
+                        float* dst = block->grad.data() + int64_t{row} * dim;
+                        const float* src = grads + i * dim;
+                        if (block->touched[row] == 0) {
+                          std::memcpy(dst, src, static_cast<size_t>(dim) * sizeof(float));
+                          block->touched[row] = 1;
+                          fresh[i] = 1;
+                        } else {
+                          for (int64_t j = 0; j < dim; ++j) dst[j] += src[j];
+                        }
+                      }
+                    });
   for (int64_t i = 0; i < n; ++i) {
     if (fresh[i]) block->touched_rows.push_back(rows[i]);
   }
@@ -93,25 +94,26 @@ int64_t SparseAdamStep(store::ParamBlock* block, double lr, double clip_factor,
   const float decay_factor = static_cast<float>(1.0 - lr * options.weight_decay);
   const int64_t dim = block->dim;
 
-  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, GrainRows(dim)), [&](const tbb::blocked_range<int64_t>& r) {
-    for (int64_t i = r.begin(); i != r.end(); ++i) {
-      const int64_t base = int64_t{block->touched_rows[i]} * dim;
-      float* __restrict p = block->param.data() + base;
-      float* __restrict m = block->exp_avg.data() + base;
-      float* __restrict v = block->exp_avg_sq.data() + base;
-      const float* __restrict gr = block->grad.data() + base;
-      for (int64_t j = 0; j < dim; ++j) {
-        const float g = scale ? gr[j] * clip : gr[j];
-        const float pj = decay ? p[j] * decay_factor : p[j];
-        const float m_new = (g - m[j]) * one_minus_beta1 + m[j];
-        const float v_new = (g * g - v[j]) * one_minus_beta2 + v[j];
-        const float denom = std::sqrt(v_new) + eps;
-        p[j] = pj + neg_step_size * (m_new / denom);
-        m[j] = m_new;
-        v[j] = v_new;
-      }
-    }
-  });
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, GrainRows(dim)),
+                    [&](const tbb::blocked_range<int64_t>& r) {
+                      for (int64_t i = r.begin(); i != r.end(); ++i) {
+                        const int64_t base = int64_t{block->touched_rows[i]} * dim;
+                        float* __restrict p = block->param.data() + base;
+                        float* __restrict m = block->exp_avg.data() + base;
+                        float* __restrict v = block->exp_avg_sq.data() + base;
+                        const float* __restrict gr = block->grad.data() + base;
+                        for (int64_t j = 0; j < dim; ++j) {
+                          const float g = scale ? gr[j] * clip : gr[j];
+                          const float pj = decay ? p[j] * decay_factor : p[j];
+                          const float m_new = (g - m[j]) * one_minus_beta1 + m[j];
+                          const float v_new = (g * g - v[j]) * one_minus_beta2 + v[j];
+                          const float denom = std::sqrt(v_new) + eps;
+                          p[j] = pj + neg_step_size * (m_new / denom);
+                          m[j] = m_new;
+                          v[j] = v_new;
+                        }
+                      }
+                    });
   block->ClearGrad();
   return n;
 }

@@ -108,22 +108,23 @@ Selection Select(const store::LayerStore& store, const float* x, int64_t num_tok
       [&](const tbb::blocked_range2d<int64_t>& r) {
         const int64_t a0 = r.rows().begin();
         const int64_t e0 = r.cols().begin();
-        kernels.dot_tile(a_rows.data() + a0, r.rows().size(), store.router.Row(e0),
-                         r.cols().size(), d, gates.data() + a0 * num_experts + e0, num_experts);
+        kernels.dot_tile(a_rows.data() + a0, r.rows().size(), store.router.Row(e0), r.cols().size(),
+                         d, gates.data() + a0 * num_experts + e0, num_experts);
       });
 
   // Step 2: the n_probe best experts of each token.
   std::vector<int32_t> probe(static_cast<size_t>(n_active * n_probe));
-  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n_active), [&](const tbb::blocked_range<int64_t>& r) {
-    std::vector<int32_t> ids(static_cast<size_t>(num_experts));
-    for (int64_t a = r.begin(); a != r.end(); ++a) {
-      const float* g = gates.data() + a * num_experts;
-      std::iota(ids.begin(), ids.end(), 0);
-      std::partial_sort(ids.begin(), ids.begin() + n_probe, ids.end(),
-                        [g](int32_t p, int32_t q) { return Better(g[p], p, g[q], q); });
-      std::copy(ids.begin(), ids.begin() + n_probe, probe.begin() + a * n_probe);
-    }
-  });
+  tbb::parallel_for(
+      tbb::blocked_range<int64_t>(0, n_active), [&](const tbb::blocked_range<int64_t>& r) {
+        std::vector<int32_t> ids(static_cast<size_t>(num_experts));
+        for (int64_t a = r.begin(); a != r.end(); ++a) {
+          const float* g = gates.data() + a * num_experts;
+          std::iota(ids.begin(), ids.end(), 0);
+          std::partial_sort(ids.begin(), ids.begin() + n_probe, ids.end(),
+                            [g](int32_t p, int32_t q) { return Better(g[p], p, g[q], q); });
+          std::copy(ids.begin(), ids.begin() + n_probe, probe.begin() + a * n_probe);
+        }
+      });
 
   // Bucket tokens by expert: for expert e, the (token, probe slot) pairs that chose it.
   std::vector<int64_t> bucket_start(static_cast<size_t>(num_experts + 1), 0);
@@ -142,7 +143,7 @@ Selection Select(const store::LayerStore& store, const float* x, int64_t num_tok
   // key chunk) so a single large expert (E = 1, the brute-force ablation) still parallelises.
   struct Task {
     int32_t expert;
-    int64_t begin, end;   // range in bucket
+    int64_t begin, end;          // range in bucket
     int64_t key_begin, key_end;  // key range inside the expert
   };
   std::vector<Task> tasks;
@@ -155,55 +156,59 @@ Selection Select(const store::LayerStore& store, const float* x, int64_t num_tok
     }
   }
   std::vector<float> cand(static_cast<size_t>(n_active * n_cand));
-  tbb::parallel_for(tbb::blocked_range<size_t>(0, tasks.size(), 1), [&](const tbb::blocked_range<size_t>& r) {
-    std::vector<const float*> rows_a;
-    std::vector<float> scores;
-    for (size_t ti = r.begin(); ti != r.end(); ++ti) {
-      const Task& task = tasks[ti];
-      const int64_t na = task.end - task.begin;
-      const int64_t nb = task.key_end - task.key_begin;
-      rows_a.resize(static_cast<size_t>(na));
-      for (int64_t i = 0; i < na; ++i) rows_a[i] = a_rows[bucket[task.begin + i] / n_probe];
-      scores.resize(static_cast<size_t>(na * nb));
-      kernels.dot_tile(rows_a.data(), na,
-                       store.keys.Row(int64_t{task.expert} * nk + task.key_begin), nb, d,
-                       scores.data(), nb);
-      for (int64_t i = 0; i < na; ++i) {
-        const int64_t entry = bucket[task.begin + i];
-        const int64_t a = entry / n_probe;
-        const int64_t p = entry % n_probe;
-        const float g = gates[a * num_experts + task.expert];
-        float* dst = cand.data() + a * n_cand + p * nk + task.key_begin;
-        for (int64_t j = 0; j < nb; ++j) dst[j] = options.gated ? g * scores[i * nb + j] : scores[i * nb + j];
-      }
-    }
-  });
+  tbb::parallel_for(tbb::blocked_range<size_t>(0, tasks.size(), 1),
+                    [&](const tbb::blocked_range<size_t>& r) {
+                      std::vector<const float*> rows_a;
+                      std::vector<float> scores;
+                      for (size_t ti = r.begin(); ti != r.end(); ++ti) {
+                        const Task& task = tasks[ti];
+                        const int64_t na = task.end - task.begin;
+                        const int64_t nb = task.key_end - task.key_begin;
+                        rows_a.resize(static_cast<size_t>(na));
+                        for (int64_t i = 0; i < na; ++i)
+                          rows_a[i] = a_rows[bucket[task.begin + i] / n_probe];
+                        scores.resize(static_cast<size_t>(na * nb));
+                        kernels.dot_tile(rows_a.data(), na,
+                                         store.keys.Row(int64_t{task.expert} * nk + task.key_begin),
+                                         nb, d, scores.data(), nb);
+                        for (int64_t i = 0; i < na; ++i) {
+                          const int64_t entry = bucket[task.begin + i];
+                          const int64_t a = entry / n_probe;
+                          const int64_t p = entry % n_probe;
+                          const float g = gates[a * num_experts + task.expert];
+                          float* dst = cand.data() + a * n_cand + p * nk + task.key_begin;
+                          for (int64_t j = 0; j < nb; ++j)
+                            dst[j] = options.gated ? g * scores[i * nb + j] : scores[i * nb + j];
+                        }
+                      }
+                    });
 
   // Step 4: each token's top_k candidates.
-  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n_active), [&](const tbb::blocked_range<int64_t>& r) {
-    std::vector<int32_t> idx(static_cast<size_t>(n_cand));
-    std::vector<int32_t> ids(static_cast<size_t>(n_cand));
-    for (int64_t a = r.begin(); a != r.end(); ++a) {
-      const float* c = cand.data() + a * n_cand;
-      for (int64_t p = 0; p < n_probe; ++p) {
-        const int32_t base = probe[a * n_probe + p] * static_cast<int32_t>(nk);
-        for (int64_t j = 0; j < nk; ++j) ids[p * nk + j] = base + static_cast<int32_t>(j);
-      }
-      std::iota(idx.begin(), idx.end(), 0);
-      std::partial_sort(idx.begin(), idx.begin() + k_eff, idx.end(), [&](int32_t u, int32_t v) {
-        return Better(c[u], ids[u], c[v], ids[v]);
+  tbb::parallel_for(
+      tbb::blocked_range<int64_t>(0, n_active), [&](const tbb::blocked_range<int64_t>& r) {
+        std::vector<int32_t> idx(static_cast<size_t>(n_cand));
+        std::vector<int32_t> ids(static_cast<size_t>(n_cand));
+        for (int64_t a = r.begin(); a != r.end(); ++a) {
+          const float* c = cand.data() + a * n_cand;
+          for (int64_t p = 0; p < n_probe; ++p) {
+            const int32_t base = probe[a * n_probe + p] * static_cast<int32_t>(nk);
+            for (int64_t j = 0; j < nk; ++j) ids[p * nk + j] = base + static_cast<int32_t>(j);
+          }
+          std::iota(idx.begin(), idx.end(), 0);
+          std::partial_sort(idx.begin(), idx.begin() + k_eff, idx.end(), [&](int32_t u, int32_t v) {
+            return Better(c[u], ids[u], c[v], ids[v]);
+          });
+          const int64_t t = active[a];
+          for (int64_t j = 0; j < k_eff; ++j) {
+            const int32_t ci = idx[j];
+            const int64_t slot = t * top_k + j;
+            const int32_t expert = probe[a * n_probe + ci / nk];
+            sel.slot_rows[slot] = ids[ci];
+            sel.slot_experts[slot] = expert;
+            sel.slot_gates[slot] = options.gated ? gates[a * num_experts + expert] : 1.0f;
+          }
+        }
       });
-      const int64_t t = active[a];
-      for (int64_t j = 0; j < k_eff; ++j) {
-        const int32_t ci = idx[j];
-        const int64_t slot = t * top_k + j;
-        const int32_t expert = probe[a * n_probe + ci / nk];
-        sel.slot_rows[slot] = ids[ci];
-        sel.slot_experts[slot] = expert;
-        sel.slot_gates[slot] = options.gated ? gates[a * num_experts + expert] : 1.0f;
-      }
-    }
-  });
 
   // Step 5: S = sorted union, then the max_rows cap.
   sel.rows.reserve(static_cast<size_t>(n_active * k_eff));

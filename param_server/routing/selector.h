@@ -11,10 +11,10 @@
 namespace meft::routing {
 
 struct SelectorOptions {
-  int64_t n_probe = 8;    // experts probed per token (clamped to E)
-  int64_t top_k = 64;     // keys selected per token
-  bool gated = true;      // score s_ti = g_t[e(i)] * (k_i . x_t); else k_i . x_t
-  int64_t max_rows = 0;   // cap on |S|; 0 = no cap
+  int64_t n_probe = 8;   // experts probed per token (clamped to E)
+  int64_t top_k = 64;    // keys selected per token
+  bool gated = true;     // score s_ti = g_t[e(i)] * (k_i . x_t); else k_i . x_t
+  int64_t max_rows = 0;  // cap on |S|; 0 = no cap
 };
 
 // The outcome of one lookup. "Slots" are the top_k selections of each token, in order of

@@ -55,7 +55,8 @@ absl::StatusOr<std::optional<wire::WireTensor>> TensorFromProto(const v1::Tensor
       tensor.data().empty()) {
     return std::nullopt;
   }
-  MEFT_ASSIGN_OR_RETURN(wire::DType dtype, DTypeFromProto(tensor.dtype(), absl::StrCat(field, ".dtype")));
+  MEFT_ASSIGN_OR_RETURN(wire::DType dtype,
+                        DTypeFromProto(tensor.dtype(), absl::StrCat(field, ".dtype")));
   wire::WireTensor out;
   out.dtype = dtype;
   out.shape.assign(tensor.shape().begin(), tensor.shape().end());

@@ -1,15 +1,14 @@
 #include "param_server/rpc/service.h"
 
 #include <arpa/inet.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
 #include <netinet/in.h>
 
 #include <chrono>
 #include <exception>
 #include <map>
-
-#include <grpcpp/health_check_service_interface.h>
-#include <grpcpp/security/server_credentials.h>
-#include <grpcpp/server_builder.h>
 
 #include "absl/strings/str_cat.h"
 #include "common/rpc/status_convert.h"
@@ -45,10 +44,10 @@ bool IsLoopback(const std::string& listen) {
 
 absl::Status CheckListenAddress(const RpcOptions& options) {
   if (IsLoopback(options.listen) || options.insecure) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      "listen: ", options.listen,
-      " is not a loopback address; TLS with a token is not implemented yet, so a "
-      "non-loopback listener needs --insecure (trusted networks only)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("listen: ", options.listen,
+                   " is not a loopback address; TLS with a token is not implemented yet, so a "
+                   "non-loopback listener needs --insecure (trusted networks only)"));
 }
 
 class RunningServer::Service final : public v1::ParamServer::Service {
@@ -58,15 +57,16 @@ class RunningServer::Service final : public v1::ParamServer::Service {
     if (registry_ != nullptr) {
       bytes_in_ = &registry_->AddCounter("meft_ps_bytes_received_total",
                                          "Serialized request bytes received");
-      bytes_out_ = &registry_->AddCounter("meft_ps_bytes_sent_total",
-                                          "Serialized response bytes sent");
+      bytes_out_ =
+          &registry_->AddCounter("meft_ps_bytes_sent_total", "Serialized response bytes sent");
     }
   }
 
-  grpc::Status Lookup(grpc::ServerContext*, const v1::LookupRequest* request,
+  grpc::Status Lookup(grpc::ServerContext* context, const v1::LookupRequest* request,
                       v1::LookupResponse* response) override {
     return Handle("Lookup", *request, response, [&]() -> absl::Status {
       MEFT_ASSIGN_OR_RETURN(server::LookupCall call, FromProto(*request));
+      call.is_cancelled = [context] { return context->IsCancelled(); };
       MEFT_ASSIGN_OR_RETURN(server::LookupReply reply, domain_->Lookup(call));
       ToProto(std::move(reply), response);
       return absl::OkStatus();
@@ -87,7 +87,8 @@ class RunningServer::Service final : public v1::ParamServer::Service {
                         v1::GradNormResponse* response) override {
     return Handle("GradNorm", *request, response, [&]() -> absl::Status {
       std::vector<uint32_t> layers(request->layers().begin(), request->layers().end());
-      MEFT_ASSIGN_OR_RETURN(server::GradNormReply reply, domain_->GradNorm(request->step(), layers));
+      MEFT_ASSIGN_OR_RETURN(server::GradNormReply reply,
+                            domain_->GradNorm(request->step(), layers));
       ToProto(reply, response);
       return absl::OkStatus();
     });

@@ -3,10 +3,10 @@
 // The gRPC face of the parameter server: the meft.v1.ParamServer service plus the standard
 // grpc.health.v1 health service, on an address that must be loopback unless insecure is set.
 
+#include <grpcpp/server.h>
+
 #include <memory>
 #include <string>
-
-#include <grpcpp/server.h>
 
 #include "absl/status/statusor.h"
 #include "common/metrics/metrics.h"

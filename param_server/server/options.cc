@@ -61,7 +61,11 @@ void RegisterFields(ServerConfig* c, config::FieldSet* f) {
   f->Add("max_tokens", &c->max_tokens, "largest number of tokens in one lookup");
   f->SetRange("max_tokens", 1, 1 << 24);
   f->Add("checkpoint_dir", &c->checkpoint_dir,
-         "where checkpoint-<step>/ folders go; SIGTERM writes one there; \"\" = none");
+         "where checkpoint-<step>/ folders go; SIGTERM writes one there; checkpoint paths in "
+         "requests must lie inside it; \"\" = none");
+  f->Add("max_pending_lookups", &c->max_pending_lookups,
+         "per layer: training lookups that may await their gradients at once");
+  f->SetRange("max_pending_lookups", 1, 1 << 20);
   f->Add("step_wait_seconds", &c->step_wait_seconds,
          "how long a lookup for the next step waits for the current Step before failing");
   f->SetRange("step_wait_seconds", 0, 86400);
@@ -94,6 +98,7 @@ absl::StatusOr<ServerOptions> ToServerOptions(const ServerConfig& c) {
   o.max_tokens = c.max_tokens;
   o.checkpoint_dir = c.checkpoint_dir;
   o.step_wait_seconds = c.step_wait_seconds;
+  o.max_pending_lookups = c.max_pending_lookups;
   if (c.isa == "avx512") {
     o.isa = kernels::Isa::kAvx512;
   } else if (c.isa == "avx2") {

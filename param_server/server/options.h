@@ -48,6 +48,7 @@ struct ServerConfig {
   int64_t max_tokens = 8192;
   std::string checkpoint_dir;
   double step_wait_seconds = 30.0;
+  int64_t max_pending_lookups = 256;
   std::string isa = "auto";
 };
 

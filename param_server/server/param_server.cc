@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <set>
 #include <tuple>
 #include <utility>
@@ -50,7 +51,8 @@ void HashBlock(const store::ParamBlock& b, Hasher* h) {
   h->AddVec(b.touched_rows);
   h->AddPod(b.adam_step);
   // Only touched rows of the accumulator carry meaning.
-  for (int32_t r : b.touched_rows) h->Add(b.grad.data() + int64_t{r} * b.dim, b.dim * sizeof(float));
+  for (int32_t r : b.touched_rows)
+    h->Add(b.grad.data() + int64_t{r} * b.dim, b.dim * sizeof(float));
 }
 
 wire::Tensor Int32Tensor(std::span<const int32_t> values, std::vector<int64_t> shape) {
@@ -115,33 +117,33 @@ ParamServer::ParamServer(const ServerOptions& options, const kernels::Kernels& k
   m.lookups = &registry->AddCounter("meft_ps_lookups_total", "Lookups answered");
   m.lookups_replayed = &registry->AddCounter("meft_ps_lookups_replayed_total",
                                              "Lookups answered from the per-step cache");
-  m.rows_served = &registry->AddCounter("meft_ps_rows_served_total",
-                                        "Key-value rows sent to workers");
+  m.rows_served =
+      &registry->AddCounter("meft_ps_rows_served_total", "Key-value rows sent to workers");
   m.unique_rows = &registry->AddHistogram("meft_ps_unique_rows_per_lookup",
                                           "|S|, unique rows selected per lookup",
                                           metrics::ExponentialBuckets(16, 2.0, 16));
   m.rows_dropped = &registry->AddCounter("meft_ps_rows_dropped_total",
                                          "Rows removed from lookups by the max_rows cap");
-  m.expert_imbalance = &registry->AddGauge(
-      "meft_ps_expert_load_imbalance",
-      "Max over mean of tokens per expert in the latest lookup (1 = balanced)");
-  m.gradient_calls = &registry->AddCounter("meft_ps_gradient_calls_total",
-                                           "Gradient requests applied");
+  m.expert_imbalance =
+      &registry->AddGauge("meft_ps_expert_load_imbalance",
+                          "Max over mean of tokens per expert in the latest lookup (1 = balanced)");
+  m.gradient_calls =
+      &registry->AddCounter("meft_ps_gradient_calls_total", "Gradient requests applied");
   m.step_seconds = &registry->AddHistogram("meft_ps_optimizer_step_seconds",
                                            "Time of one Adam step over the requested layers",
                                            metrics::ExponentialBuckets(1e-4, 2.0, 18));
-  m.rows_updated = &registry->AddCounter("meft_ps_rows_updated_total",
-                                         "Key-value rows updated by Adam");
-  m.router_rows_updated = &registry->AddCounter("meft_ps_router_rows_updated_total",
-                                                "Router rows updated by Adam");
+  m.rows_updated =
+      &registry->AddCounter("meft_ps_rows_updated_total", "Key-value rows updated by Adam");
+  m.router_rows_updated =
+      &registry->AddCounter("meft_ps_router_rows_updated_total", "Router rows updated by Adam");
   m.optimizer_step = &registry->AddGauge("meft_ps_optimizer_step",
                                          "Optimizer steps applied (lowest over owned layers)");
-  m.lookups_discarded = &registry->AddCounter(
-      "meft_ps_lookups_discarded_total",
-      "Training lookups whose gradients never arrived before their Step");
-  m.checkpoint_seconds = &registry->AddHistogram("meft_ps_checkpoint_seconds",
-                                                 "Time to write one checkpoint",
-                                                 metrics::ExponentialBuckets(1e-3, 2.0, 16));
+  m.lookups_discarded =
+      &registry->AddCounter("meft_ps_lookups_discarded_total",
+                            "Training lookups whose gradients never arrived before their Step");
+  m.checkpoint_seconds =
+      &registry->AddHistogram("meft_ps_checkpoint_seconds", "Time to write one checkpoint",
+                              metrics::ExponentialBuckets(1e-3, 2.0, 16));
 }
 
 ParamServer::~ParamServer() = default;
@@ -158,7 +160,16 @@ absl::StatusOr<std::unique_ptr<ParamServer>> ParamServer::Create(const ServerOpt
   if (options.dim <= 0) return absl::InvalidArgumentError("dim: must be positive");
   ServerOptions opts = options;
   opts.layers = sorted;
-  if (opts.experts == 0) opts.experts = store::DefaultExperts(opts.rows);
+  if (opts.experts == 0) {
+    opts.experts = store::DefaultExperts(opts.rows);
+    if (opts.experts == 1 && opts.rows > 1) {
+      spdlog::warn(
+          "rows = {} has no divisor near 4*ceil(sqrt(r)): E = 1, so every lookup scans "
+          "all keys (the brute-force ablation); pick r with a divisor near {} or set "
+          "experts",
+          opts.rows, 4 * static_cast<int64_t>(std::ceil(std::sqrt(opts.rows))));
+    }
+  }
   if (opts.experts < 0 || opts.rows % opts.experts != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("experts: ", opts.experts, " does not divide rows (", opts.rows, ")"));
@@ -185,8 +196,8 @@ absl::StatusOr<std::unique_ptr<ParamServer>> ParamServer::Create(const ServerOpt
   for (uint32_t id : opts.layers) {
     auto layer = std::make_unique<Layer>();
     layer->id = id;
-    MEFT_ASSIGN_OR_RETURN(layer->store,
-                          store::LayerStore::Create(id, opts.rows, opts.dim, opts.experts, opts.init));
+    MEFT_ASSIGN_OR_RETURN(
+        layer->store, store::LayerStore::Create(id, opts.rows, opts.dim, opts.experts, opts.init));
     server->layers_.push_back(std::move(layer));
   }
   if (server->metrics_->optimizer_step) server->metrics_->optimizer_step->Set(0);
@@ -236,9 +247,8 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
   const int64_t num_tokens = call.x.shape[0];
   if (num_tokens == 0) return absl::InvalidArgumentError("x.shape: no tokens (T = 0)");
   if (num_tokens > options_.max_tokens) {
-    return absl::ResourceExhaustedError(absl::StrCat("x.shape: ", num_tokens,
-                                                     " tokens exceed max_tokens (",
-                                                     options_.max_tokens, ")"));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "x.shape: ", num_tokens, " tokens exceed max_tokens (", options_.max_tokens, ")"));
   }
   auto cached = std::make_shared<CachedLookup>();
   cached->num_tokens = num_tokens;
@@ -273,11 +283,22 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
     for (;;) {
       {
         std::unique_lock state_lock(layer->state_mu);
-        if (!layer->step_cv.wait_until(state_lock, deadline,
-                                       [&] { return layer->store.step >= h.step; })) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              "header.step: lookup ", Where(h), " is ahead of the server, which is at step ",
-              layer->store.step, " (timed out waiting for Step(", layer->store.step, "))"));
+        // Wake up periodically to notice cancellation; Step and shutdown notify at once.
+        while (layer->store.step < h.step) {
+          if (shutting_down_) {
+            return absl::UnavailableError(
+                absl::StrCat("lookup ", Where(h), ": the server is shutting down"));
+          }
+          if (call.is_cancelled && call.is_cancelled()) {
+            return absl::CancelledError(absl::StrCat("lookup ", Where(h), ": cancelled"));
+          }
+          if (Clock::now() >= deadline) {
+            return absl::FailedPreconditionError(absl::StrCat(
+                "header.step: lookup ", Where(h), " is ahead of the server, which is at step ",
+                layer->store.step, " (timed out waiting for Step(", layer->store.step, "))"));
+          }
+          layer->step_cv.wait_until(
+              state_lock, std::min(deadline, Clock::now() + std::chrono::milliseconds(100)));
         }
       }
       params_lock.lock();
@@ -285,24 +306,29 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
       if (layer->store.step != h.step) {
         if (layer->store.step > h.step) {
           return absl::FailedPreconditionError(absl::StrCat(
-              "header.step: lookup ", Where(h), " is for a step already applied; the server is at step ",
-              layer->store.step));
+              "header.step: lookup ", Where(h),
+              " is for a step already applied; the server is at step ", layer->store.step));
         }
         params_lock.unlock();
         continue;  // a restore moved the layer back; wait again
       }
       if (layer->done.count(key)) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "header: gradients for lookup ", Where(h), " were already applied"));
+        return absl::FailedPreconditionError(
+            absl::StrCat("header: gradients for lookup ", Where(h), " were already applied"));
       }
       auto it = layer->cache.find(key);
       if (it != layer->cache.end()) {
         if (it->second->x != cached->x || it->second->mask != cached->mask) {
-          return absl::AlreadyExistsError(absl::StrCat(
-              "header: lookup ", Where(h), " was already served with a different x"));
+          return absl::AlreadyExistsError(
+              absl::StrCat("header: lookup ", Where(h), " was already served with a different x"));
         }
         selection_source = it->second;
         replayed = true;
+      } else if (static_cast<int64_t>(layer->cache.size()) >= options_.max_pending_lookups) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "header: layer ", h.layer, " already holds ", layer->cache.size(),
+            " training lookups awaiting gradients (max_pending_lookups); send their gradients or "
+            "Step first"));
       }
       break;
     }
@@ -327,11 +353,11 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
       n_rows * (4 + 2 * row_bytes) + n_experts * (4 + row_bytes) +
       (options_.mode == Mode::kPerToken ? num_tokens * options_.selector.top_k * 12 : 0) + 4096;
   if (options_.max_response_bytes > 0 && reply_bytes > options_.max_response_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "x.shape: the answer to ", num_tokens, " tokens (", n_rows, " rows of ", d, " ",
-        wire::DTypeName(row_dtype), ") would be about ", reply_bytes,
-        " bytes, over the server's message limit of ", options_.max_response_bytes,
-        "; send fewer tokens, use bf16 rows, or raise max_message_mb"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("x.shape: the answer to ", num_tokens, " tokens (", n_rows, " rows of ", d,
+                     " ", wire::DTypeName(row_dtype), ") would be about ", reply_bytes,
+                     " bytes, over the server's message limit of ", options_.max_response_bytes,
+                     "; send fewer tokens, use bf16 rows, or raise max_message_mb"));
   }
 
   LookupReply reply;
@@ -366,8 +392,9 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
 
   if (call.training && !replayed) {
     std::lock_guard state_lock(layer->state_mu);
-    // A concurrent identical lookup may have inserted first; either answer is the same.
-    if (layer->store.step == h.step) layer->cache.emplace(key, cached);
+    // A concurrent identical lookup may have inserted first (either answer is the same), or even
+    // had its gradients applied already: then there is nothing left to keep.
+    if (layer->store.step == h.step && !layer->done.count(key)) layer->cache.emplace(key, cached);
   }
 
   if (metrics_->lookups) {
@@ -406,8 +433,8 @@ absl::StatusOr<GradientsReply> ParamServer::Gradients(const GradientsCall& call)
   }
   auto it = layer->cache.find(key);
   if (it == layer->cache.end()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "header: no training lookup ", Where(h), " is waiting for gradients"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("header: no training lookup ", Where(h), " is waiting for gradients"));
   }
   const CachedLookup& c = *it->second;
   const routing::Selection& sel = c.selection;
@@ -430,14 +457,14 @@ absl::StatusOr<GradientsReply> ParamServer::Gradients(const GradientsCall& call)
     MEFT_RETURN_IF_ERROR(wire::DecodeFloats(*call.gate_grads, "gate_grads", true, &gate_grads));
     for (size_t s = 0; s < gate_grads.size(); ++s) {
       if (sel.slot_rows[s] < 0 && gate_grads[s] != 0.0f) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "gate_grads.data: element ", s, " is nonzero but its slot is empty"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("gate_grads.data: element ", s, " is nonzero but its slot is empty"));
       }
     }
   } else if (call.gate_grads.has_value()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "gate_grads: not expected (the server is ", options_.selector.gated ? "gated" : "ungated",
-        " ", ModeName(options_.mode), ")"));
+    return absl::InvalidArgumentError(absl::StrCat("gate_grads: not expected (the server is ",
+                                                   options_.selector.gated ? "gated" : "ungated",
+                                                   " ", ModeName(options_.mode), ")"));
   }
 
   // Valid: apply. Nothing below can fail.
@@ -521,9 +548,8 @@ absl::StatusOr<StepReply> ParamServer::Step(const StepCall& call) {
     std::lock_guard state_lock(layer->state_mu);
     const uint64_t at = layer->store.step;
     if (at != call.step && at != call.step + 1) {
-      return absl::FailedPreconditionError(absl::StrCat("step: ", call.step,
-                                                        " does not match layer ", layer->id,
-                                                        "'s step ", at));
+      return absl::FailedPreconditionError(
+          absl::StrCat("step: ", call.step, " does not match layer ", layer->id, "'s step ", at));
     }
   }
   // Decided while updating, so two concurrent Step(s) calls cannot both claim the work.
@@ -539,9 +565,8 @@ absl::StatusOr<StepReply> ParamServer::Step(const StepCall& call) {
       continue;
     }
     if (st.step != call.step) {  // moved since the check (a concurrent restore)
-      return absl::FailedPreconditionError(absl::StrCat("step: ", call.step,
-                                                        " does not match layer ", layer->id,
-                                                        "'s step ", st.step));
+      return absl::FailedPreconditionError(absl::StrCat(
+          "step: ", call.step, " does not match layer ", layer->id, "'s step ", st.step));
     }
     all_applied = false;
     StepReply mine;
@@ -595,7 +620,8 @@ checkpoint::AdapterConfig ParamServer::MakeAdapterConfig() const {
   c.gated = options_.selector.gated;
   c.layers = options_.layers;
   c.seed = adapter_seed_;
-  c.router_init = options_.init.router_init == store::RouterInit::kMeanKeys ? "mean_keys" : "normal";
+  c.router_init =
+      options_.init.router_init == store::RouterInit::kMeanKeys ? "mean_keys" : "normal";
   c.beta1 = options_.adam.beta1;
   c.beta2 = options_.adam.beta2;
   c.eps = options_.adam.eps;
@@ -603,13 +629,35 @@ checkpoint::AdapterConfig ParamServer::MakeAdapterConfig() const {
   return c;
 }
 
+absl::StatusOr<std::string> ParamServer::ResolveCheckpointPath(const std::string& path,
+                                                               absl::string_view field) const {
+  namespace fs = std::filesystem;
+  const std::string& base = options_.checkpoint_dir;
+  if (base.empty()) {
+    if (path.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": empty, and the server has no checkpoint_dir configured"));
+    }
+    return path;
+  }
+  std::error_code ec;
+  const fs::path root = fs::weakly_canonical(fs::absolute(base, ec), ec);
+  const fs::path target = fs::weakly_canonical(path.empty()                   ? root
+                                               : fs::path(path).is_absolute() ? fs::path(path)
+                                                                              : root / path,
+                                               ec);
+  const fs::path rel = target.lexically_relative(root);
+  if (ec || rel.empty() || *rel.begin() == "..") {
+    return absl::PermissionDeniedError(absl::StrCat(
+        field, ": \"", path, "\" is outside the server's checkpoint_dir ", root.string()));
+  }
+  return target.string();
+}
+
 absl::StatusOr<CheckpointReply> ParamServer::SaveCheckpoint(const std::string& directory) {
   const auto start = Clock::now();
-  const std::string root = directory.empty() ? options_.checkpoint_dir : directory;
-  if (root.empty()) {
-    return absl::InvalidArgumentError(
-        "directory: empty, and the server has no checkpoint_dir configured");
-  }
+  MEFT_ASSIGN_OR_RETURN(const std::string root, ResolveCheckpointPath(directory, "directory"));
+  std::lock_guard save_lock(save_mu_);
   // Hold every layer's parameters shared (Step waits; lookups go on) and read the steps.
   std::vector<std::shared_lock<std::shared_mutex>> locks;
   std::vector<const store::LayerStore*> stores;
@@ -636,19 +684,22 @@ absl::StatusOr<CheckpointReply> ParamServer::SaveCheckpoint(const std::string& d
   return CheckpointReply{path, step, bytes};
 }
 
-absl::StatusOr<CheckpointReply> ParamServer::RestoreCheckpoint(const std::string& path) {
+absl::StatusOr<CheckpointReply> ParamServer::RestoreCheckpoint(const std::string& path,
+                                                               bool confine) {
   if (path.empty()) return absl::InvalidArgumentError("path: empty");
   std::string dir = path;
-  if (auto latest = checkpoint::FindLatest(path); latest.ok()) {
+  if (confine) {
+    MEFT_ASSIGN_OR_RETURN(dir, ResolveCheckpointPath(path, "path"));
+  }
+  if (auto latest = checkpoint::FindLatest(dir); latest.ok()) {
     dir = *latest;  // `path` is a root holding checkpoint-<step> folders
   }
   // Check the shapes before reading tensors, so a mismatch names the setting that differs.
   MEFT_ASSIGN_OR_RETURN(const checkpoint::AdapterConfig got, checkpoint::ReadConfig(dir));
   const checkpoint::AdapterConfig want = MakeAdapterConfig();
   auto mismatch = [&](const char* field, auto a, auto b) {
-    return absl::FailedPreconditionError(absl::StrCat(dir, "/", checkpoint::kConfigFile, ": \"",
-                                                      field, "\" is ", a,
-                                                      " but this server has ", b));
+    return absl::FailedPreconditionError(absl::StrCat(
+        dir, "/", checkpoint::kConfigFile, ": \"", field, "\" is ", a, " but this server has ", b));
   };
   if (got.rows != want.rows) return mismatch("rows", got.rows, want.rows);
   if (got.dim != want.dim) return mismatch("dim", got.dim, want.dim);
@@ -680,6 +731,14 @@ absl::StatusOr<CheckpointReply> ParamServer::RestoreCheckpoint(const std::string
   if (metrics_->optimizer_step) metrics_->optimizer_step->Set(static_cast<double>(loaded.step));
   spdlog::info("restored {} (step {})", dir, loaded.step);
   return CheckpointReply{dir, loaded.step, 0};
+}
+
+void ParamServer::BeginShutdown() {
+  shutting_down_ = true;
+  for (const auto& l : layers_) {
+    std::lock_guard state_lock(l->state_mu);
+    l->step_cv.notify_all();
+  }
 }
 
 ServerInfo ParamServer::Info() const {

@@ -7,14 +7,18 @@
 // Thread safety: every public method may be called concurrently. Per layer, a shared mutex
 // guards the parameters and Adam state (shared by lookups and checkpoint writes, exclusive for
 // Step and restore) and a mutex guards the accumulators, the lookup cache and the layer's
-// optimizer step. Locks are taken in ascending layer order, parameters before state.
+// optimizer step. Lock order: within a layer, parameters before state; across layers, a thread
+// holding locks of some layers only takes locks of higher layers. Checkpoint saves are
+// serialised by their own mutex, taken before any layer lock.
 //
 // Ordering rule (DESIGN §3): a training lookup of step s is answered only when the layer's
 // optimizer step is s; a lookup that arrives early waits (up to step_wait_seconds) for Step(s-1)
 // to finish, so all lookups of one optimizer step see one parameter version.
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -47,10 +51,13 @@ struct ServerOptions {
   wire::DType wire_dtype = wire::DType::kBf16;  // dtype of rows sent when the request says none
   store::InitOptions init;
   optim::AdamOptions adam;
-  int64_t max_tokens = 8192;          // largest T of one lookup
-  int64_t max_response_bytes = 0;     // largest lookup answer (the transport's limit); 0 = any
-  std::string checkpoint_dir;         // where SaveCheckpoint writes by default; "" = none
+  int64_t max_tokens = 8192;       // largest T of one lookup
+  int64_t max_response_bytes = 0;  // largest lookup answer (the transport's limit); 0 = any
+  // Where SaveCheckpoint writes by default. When set, every checkpoint path a request names must
+  // lie inside it (relative paths are taken relative to it). "" = none: requests must name a path.
+  std::string checkpoint_dir;
   double step_wait_seconds = 30.0;    // how long an early lookup waits for the previous Step
+  int64_t max_pending_lookups = 256;  // per layer: training lookups awaiting their gradients
   std::optional<kernels::Isa> isa;    // kernels to use; unset = the best the CPU supports
 };
 
@@ -62,10 +69,12 @@ struct RequestHeader {
 
 struct LookupCall {
   RequestHeader header;
-  wire::WireTensor x;                       // [T, d] fp32 or bf16
+  wire::WireTensor x;                          // [T, d] fp32 or bf16
   std::optional<wire::WireTensor> token_mask;  // [T] uint8 of 0/1
   bool training = false;
-  std::optional<wire::DType> row_dtype;     // fp32 or bf16
+  std::optional<wire::DType> row_dtype;  // fp32 or bf16
+  // Polled while the lookup waits for the previous Step; true abandons the wait (CANCELLED).
+  std::function<bool()> is_cancelled;
 };
 
 struct LookupReply {
@@ -83,8 +92,8 @@ struct LookupReply {
 
 struct GradientsCall {
   RequestHeader header;
-  wire::WireTensor key_grads;                 // [|S|, d] fp32 or bf16
-  wire::WireTensor value_grads;               // [|S|, d] fp32 or bf16
+  wire::WireTensor key_grads;                  // [|S|, d] fp32 or bf16
+  wire::WireTensor value_grads;                // [|S|, d] fp32 or bf16
   std::optional<wire::WireTensor> gate_grads;  // [T, top_k] fp32, gated per_token only
 };
 
@@ -148,9 +157,15 @@ class ParamServer {
   // FAILED_PRECONDITION when the owned layers are at different steps (a Step is half done).
   absl::StatusOr<CheckpointReply> SaveCheckpoint(const std::string& directory);
   // Loads a checkpoint folder (or the newest under a root folder) after checking it matches this
-  // server's layers and shapes; all or nothing. Clears every cache and accumulator.
-  absl::StatusOr<CheckpointReply> RestoreCheckpoint(const std::string& path);
+  // server's layers and shapes; all or nothing. Clears every cache and accumulator. With
+  // `confine` (requests), the path must lie inside checkpoint_dir when one is configured; the
+  // operator's --restore passes false.
+  absl::StatusOr<CheckpointReply> RestoreCheckpoint(const std::string& path, bool confine = true);
   ServerInfo Info() const;
+
+  // Wakes every lookup waiting for a Step and makes it (and later waits) fail with UNAVAILABLE,
+  // so a shutting-down gRPC server is not held up by them. Irreversible.
+  void BeginShutdown();
 
   // A hash of every byte of server state (parameters, Adam state, accumulators, caches, steps).
   // For tests: a rejected request must leave it unchanged.
@@ -165,14 +180,18 @@ class ParamServer {
   absl::StatusOr<Layer*> FindLayer(uint32_t id, absl::string_view field) const;
   absl::StatusOr<std::vector<Layer*>> ResolveLayers(const std::vector<uint32_t>& ids,
                                                     absl::string_view field) const;
+  // Resolves a checkpoint path named by a request (see ServerOptions::checkpoint_dir).
+  absl::StatusOr<std::string> ResolveCheckpointPath(const std::string& path,
+                                                    absl::string_view field) const;
   checkpoint::AdapterConfig MakeAdapterConfig() const;
 
   const ServerOptions options_;
   const kernels::Kernels& kernels_;
   std::vector<std::unique_ptr<Layer>> layers_;  // ascending layer id; fixed after Create
-  // Seed that initialised the current parameters (the checkpoint's after a restore). Written
-  // only with every layer's params_mu held exclusively; read with one held.
-  uint64_t adapter_seed_;
+  // Seed that initialised the current parameters (the checkpoint's after a restore).
+  std::atomic<uint64_t> adapter_seed_;
+  std::atomic<bool> shutting_down_{false};
+  std::mutex save_mu_;  // serialises checkpoint writes
   std::unique_ptr<Metrics> metrics_;
 };
 

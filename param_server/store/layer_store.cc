@@ -96,30 +96,32 @@ absl::StatusOr<LayerStore> LayerStore::Create(uint32_t layer, int64_t rows, int6
   s.values.Allocate(rows, dim);
   s.router.Allocate(experts, dim);
 
-  tbb::parallel_for(tbb::blocked_range<int64_t>(0, rows), [&](const tbb::blocked_range<int64_t>& rr) {
-    for (int64_t i = rr.begin(); i != rr.end(); ++i) {
-      FillNormalRow(init.seed, layer, /*tensor=*/0, i, init.init_std,
-                    std::span<float>(s.keys.Row(i), static_cast<size_t>(dim)));
-    }
-  });
-  tbb::parallel_for(tbb::blocked_range<int64_t>(0, experts), [&](const tbb::blocked_range<int64_t>& er) {
-    for (int64_t e = er.begin(); e != er.end(); ++e) {
-      float* g = s.router.Row(e);
-      if (init.router_init == RouterInit::kNormal) {
-        FillNormalRow(init.seed, layer, /*tensor=*/2, e, init.init_std,
-                      std::span<float>(g, static_cast<size_t>(dim)));
-        continue;
-      }
-      // Mean in double, key by key in order, so the result does not depend on threading.
-      std::vector<double> sum(static_cast<size_t>(dim), 0.0);
-      for (int64_t k = 0; k < s.rows_per_expert; ++k) {
-        const float* key = s.keys.Row(e * s.rows_per_expert + k);
-        for (int64_t j = 0; j < dim; ++j) sum[j] += key[j];
-      }
-      const double scale = init.router_scale / static_cast<double>(s.rows_per_expert);
-      for (int64_t j = 0; j < dim; ++j) g[j] = static_cast<float>(sum[j] * scale);
-    }
-  });
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, rows),
+                    [&](const tbb::blocked_range<int64_t>& rr) {
+                      for (int64_t i = rr.begin(); i != rr.end(); ++i) {
+                        FillNormalRow(init.seed, layer, /*tensor=*/0, i, init.init_std,
+                                      std::span<float>(s.keys.Row(i), static_cast<size_t>(dim)));
+                      }
+                    });
+  tbb::parallel_for(
+      tbb::blocked_range<int64_t>(0, experts), [&](const tbb::blocked_range<int64_t>& er) {
+        for (int64_t e = er.begin(); e != er.end(); ++e) {
+          float* g = s.router.Row(e);
+          if (init.router_init == RouterInit::kNormal) {
+            FillNormalRow(init.seed, layer, /*tensor=*/2, e, init.init_std,
+                          std::span<float>(g, static_cast<size_t>(dim)));
+            continue;
+          }
+          // Mean in double, key by key in order, so the result does not depend on threading.
+          std::vector<double> sum(static_cast<size_t>(dim), 0.0);
+          for (int64_t k = 0; k < s.rows_per_expert; ++k) {
+            const float* key = s.keys.Row(e * s.rows_per_expert + k);
+            for (int64_t j = 0; j < dim; ++j) sum[j] += key[j];
+          }
+          const double scale = init.router_scale / static_cast<double>(s.rows_per_expert);
+          for (int64_t j = 0; j < dim; ++j) g[j] = static_cast<float>(sum[j] * scale);
+        }
+      });
   return s;
 }
 

@@ -44,9 +44,9 @@ enum class RouterInit {
 
 struct InitOptions {
   uint64_t seed = 0;
-  float init_std = 0.02f;          // std of the normal init of K (and of G with kNormal)
+  float init_std = 0.02f;  // std of the normal init of K (and of G with kNormal)
   RouterInit router_init = RouterInit::kMeanKeys;
-  float router_scale = 50.0f;       // scale of the kMeanKeys router init
+  float router_scale = 50.0f;  // scale of the kMeanKeys router init
 };
 
 // Keys, values and router of one layer. rows = r, experts = E, r % E == 0; expert e owns the

@@ -229,7 +229,7 @@ TEST_F(FileUtilTest, ReplaceDirectoryAtomicallyReplacesExistingFinal) {
   EXPECT_EQ(Slurp(final_dir + "/new_only"), "fresh");
   EXPECT_FALSE(std::filesystem::exists(final_dir + "/old_only"));
   EXPECT_FALSE(std::filesystem::exists(final_dir + "/nested"));
-  // No ".old-<pid>" left behind.
+  // The old content (swapped under the temporary name) is gone.
   EXPECT_THAT(Entries(), ElementsAre("ckpt"));
 
   // A second replacement works the same way.
@@ -254,9 +254,8 @@ TEST_F(FileUtilTest, ReplaceDirectoryAtomicallyMissingTmpLeavesFinalIntact) {
   EXPECT_THAT(Entries(), ElementsAre("ckpt"));
 }
 
-TEST_F(FileUtilTest, ReplaceDirectoryAtomicallyRestoresFinalWhenRenameFails) {
-  // A directory cannot be renamed into its own subdirectory, so the second rename fails (EINVAL)
-  // after the existing final directory has been moved aside.
+TEST_F(FileUtilTest, ReplaceDirectoryAtomicallyFailedExchangeLeavesFinalIntact) {
+  // A directory cannot be exchanged with its own subdirectory (EINVAL): nothing may change.
   const std::string tmp = Path("ckpt.tmp");
   const std::string final_dir = Path("ckpt.tmp/ckpt");
   ASSERT_TRUE(std::filesystem::create_directories(final_dir));
@@ -269,7 +268,7 @@ TEST_F(FileUtilTest, ReplaceDirectoryAtomicallyRestoresFinalWhenRenameFails) {
   EXPECT_THAT(Entries(), ElementsAre("ckpt.tmp"));
   absl::StatusOr<std::vector<std::string>> inside = ListDirectory(tmp);
   ASSERT_TRUE(inside.ok()) << inside.status();
-  EXPECT_THAT(*inside, ElementsAre("ckpt"));  // No ".old-<pid>" left next to it.
+  EXPECT_THAT(*inside, ElementsAre("ckpt"));
 }
 
 TEST_F(FileUtilTest, ReplaceDirectoryAtomicallyRejectsNonDirectoryTmp) {

@@ -29,7 +29,8 @@ uint16_t ReferenceBf16(float f) {
   const double dhi = Bf16ToFloat(hi);  // may be inf: then dist is inf unless f rounds there
   const double df = f;
   const double dist_lo = std::fabs(df - dlo);
-  const double dist_hi = std::isinf(dhi) ? std::ldexp(1.0, 128) - std::fabs(df) : std::fabs(dhi - df);
+  const double dist_hi =
+      std::isinf(dhi) ? std::ldexp(1.0, 128) - std::fabs(df) : std::fabs(dhi - df);
   if (dist_lo < dist_hi) return lo;
   if (dist_hi < dist_lo) return hi;
   return (lo & 1) ? hi : lo;
@@ -95,7 +96,8 @@ TEST(CheckTensorTest, AcceptsMatchingTensor) {
 
 TEST(CheckTensorTest, ErrorsNameTheField) {
   const std::string data(3 * 4 * 4, '\0');
-  absl::Status s = CheckTensor(View(DType::kInt32, {3, 4}, data), "x", {{DType::kFp32, DType::kBf16}, {-1, 4}});
+  absl::Status s =
+      CheckTensor(View(DType::kInt32, {3, 4}, data), "x", {{DType::kFp32, DType::kBf16}, {-1, 4}});
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(s.message(), HasSubstr("x.dtype: expected fp32 or bf16, got int32"));
 

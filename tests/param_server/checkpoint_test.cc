@@ -53,8 +53,8 @@ class CheckpointTest : public ::testing::Test {
       std::vector<float> x(T * d);
       for (auto& v : x) v = normal(rng);
       const std::string x_bytes(reinterpret_cast<const char*>(x.data()), x.size() * 4);
-      server::LookupCall call{{step, 0, layer}, {wire::DType::kFp32, {T, d}, x_bytes}, {}, true,
-                              wire::DType::kFp32};
+      server::LookupCall call{
+          {step, 0, layer}, {wire::DType::kFp32, {T, d}, x_bytes}, {}, true, wire::DType::kFp32};
       auto reply = s->Lookup(call);
       ASSERT_TRUE(reply.ok()) << reply.status();
       const int64_t n = reply->row_ids.shape[0];
@@ -139,7 +139,8 @@ TEST_F(CheckpointTest, PendingGradientsAreNotPartOfACheckpoint) {
 // Writes a checkpoint in a child process that SIGKILLs itself at `kill_stage`; returns after
 // the child died.
 void WriteAndDie(const std::string& root, uint64_t step, const checkpoint::AdapterConfig& config,
-                 const std::vector<const store::LayerStore*>& layers, const std::string& kill_stage) {
+                 const std::vector<const store::LayerStore*>& layers,
+                 const std::string& kill_stage) {
   const pid_t pid = ::fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
@@ -206,7 +207,9 @@ TEST_F(CheckpointTest, CorruptCheckpointsFailNamingFileAndTensor) {
   const fs::path dir = root_ / "checkpoint-0";
   const std::string model = ReadAll(dir / "adapter_model.safetensors");
   const std::string config = ReadAll(dir / "adapter_config.json");
-  auto write = [](const fs::path& p, const std::string& s) { std::ofstream(p, std::ios::binary) << s; };
+  auto write = [](const fs::path& p, const std::string& s) {
+    std::ofstream(p, std::ios::binary) << s;
+  };
   auto restore_fails_with = [&](const std::string& needle) {
     const uint64_t before = (*a)->StateDigest();
     auto r = (*a)->RestoreCheckpoint(dir.string());

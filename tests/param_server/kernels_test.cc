@@ -1,10 +1,9 @@
-#include "param_server/kernels/dot.h"
-
 #include <cmath>
 #include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "param_server/kernels/dot.h"
 
 namespace meft::kernels {
 namespace {
@@ -36,8 +35,7 @@ TEST(KernelsTest, DotMatchesDoublePrecisionReference) {
         exact += double{a[i]} * b[i];
         scale += std::fabs(double{a[i]} * b[i]);
       }
-      EXPECT_NEAR(k.dot(a.data(), b.data(), d), exact, 1e-6 * scale + 1e-7)
-          << k.name << " d=" << d;
+      EXPECT_NEAR(k.dot(a.data(), b.data(), d), exact, 1e-6 * scale + 1e-7) << k.name << " d=" << d;
     }
   }
 }

@@ -2,6 +2,9 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/security/credentials.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -12,17 +15,13 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
-#include <mutex>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <regex>
 #include <string>
 #include <vector>
-
-#include <grpcpp/create_channel.h>
-#include <grpcpp/generic/generic_stub.h>
-#include <grpcpp/security/credentials.h>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -144,11 +143,12 @@ class ProcessTest : public ::testing::Test {
   fs::path dir_;
 };
 
-constexpr char kServing[] = R"(serving meft\.v1\.ParamServer on \S+ \(port (\d+)\), metrics on http://[^:]+:(\d+)/metrics)";
+constexpr char kServing[] =
+    R"(serving meft\.v1\.ParamServer on \S+ \(port (\d+)\), metrics on http://[^:]+:(\d+)/metrics)";
 
 std::unique_ptr<v1::ParamServer::Stub> Connect(int port) {
-  return v1::ParamServer::NewStub(grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
-                                                      grpc::InsecureChannelCredentials()));
+  return v1::ParamServer::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
 }
 
 v1::Tensor FloatTensor(const std::vector<float>& v, std::vector<int64_t> shape) {
@@ -160,10 +160,14 @@ v1::Tensor FloatTensor(const std::vector<float>& v, std::vector<int64_t> shape) 
 }
 
 TEST_F(ProcessTest, TrainsStepCheckpointsOnSigtermAndResumes) {
-  const std::vector<std::string> common = {
-      "--listen", "127.0.0.1:0", "--metrics-port", "0", "--adapter-layers", "0-1",
-      "--adapter-rows", "512", "--adapter-dim", "16", "--adapter-top-k", "4",
-      "--checkpoint-dir", (dir_ / "ckpt").string(), "--restore", "latest"};
+  const std::vector<std::string> common = {"--listen",         "127.0.0.1:0",
+                                           "--metrics-port",   "0",
+                                           "--adapter-layers", "0-1",
+                                           "--adapter-rows",   "512",
+                                           "--adapter-dim",    "16",
+                                           "--adapter-top-k",  "4",
+                                           "--checkpoint-dir", (dir_ / "ckpt").string(),
+                                           "--restore",        "latest"};
   int64_t rows_after_step = 0;
   {
     ServerProcess server(common);
@@ -217,8 +221,8 @@ TEST_F(ProcessTest, TrainsStepCheckpointsOnSigtermAndResumes) {
     std::condition_variable cv;
     bool done = false;
     grpc::Status health_status;
-    generic.UnaryCall(&c4, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &req_buf,
-                      &resp_buf, [&](grpc::Status s) {
+    generic.UnaryCall(&c4, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &req_buf, &resp_buf,
+                      [&](grpc::Status s) {
                         std::lock_guard l(mu);
                         health_status = s;
                         done = true;

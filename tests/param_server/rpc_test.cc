@@ -255,12 +255,11 @@ std::unique_ptr<Harness> StartHarness(const server::ServerOptions& options,
   return h;
 }
 
-#define ASSERT_RPC_OK(expr)                                    \
-  do {                                                         \
-    const grpc::Status rpc_status_ = (expr);                   \
-    ASSERT_TRUE(rpc_status_.ok())                              \
-        << #expr << ": code " << rpc_status_.error_code()      \
-        << ": " << rpc_status_.error_message();                \
+#define ASSERT_RPC_OK(expr)                                                                 \
+  do {                                                                                      \
+    const grpc::Status rpc_status_ = (expr);                                                \
+    ASSERT_TRUE(rpc_status_.ok()) << #expr << ": code " << rpc_status_.error_code() << ": " \
+                                  << rpc_status_.error_message();                           \
   } while (false)
 
 // ---------------------------------------------------------------------------------------------
@@ -268,8 +267,8 @@ std::unique_ptr<Harness> StartHarness(const server::ServerOptions& options,
 
 struct Batch {
   int64_t tokens = 0;
-  std::vector<float> x;        // [T, d]
-  std::vector<uint8_t> mask;   // [T] or empty
+  std::vector<float> x;       // [T, d]
+  std::vector<uint8_t> mask;  // [T] or empty
 };
 
 Batch RandomBatch(std::mt19937* rng, int64_t tokens, std::vector<uint8_t> mask = {}) {
@@ -448,8 +447,8 @@ void CheckSelectionAgainstReference(const Decoded& d, const Batch& b, const Snap
       const int32_t row = d.rows[d.token_rows[s]];
       const int32_t expert = row / static_cast<int32_t>(kRowsPerExpert);
       EXPECT_EQ(d.expert_ids[d.token_experts[s]], expert) << "slot " << j;
-      EXPECT_GE(gate[expert], gate[order[kProbe - 1]] - kTol) << "expert " << expert
-                                                              << " is not among the best";
+      EXPECT_GE(gate[expert], gate[order[kProbe - 1]] - kTol)
+          << "expert " << expert << " is not among the best";
       EXPECT_NEAR(d.token_gates[s], gate[expert], kTol * (1 + std::abs(gate[expert])));
       const double score = gate[expert] * Dot(snap.keys.data() + int64_t{row} * kDim, xt);
       EXPECT_LE(score, prev + kTol) << "slot " << j << " out of order";
@@ -851,8 +850,8 @@ class RpcMalformedTest : public ::testing::Test {
     });
   }
 
-  void ExpectStepRejected(const std::string& what, grpc::StatusCode code,
-                          const std::string& field, const v1::StepRequest& r) {
+  void ExpectStepRejected(const std::string& what, grpc::StatusCode code, const std::string& field,
+                          const v1::StepRequest& r) {
     ExpectRejected(what, code, field, [&] {
       v1::StepResponse resp;
       return h_->Step(r, &resp);
@@ -934,8 +933,8 @@ TEST_F(RpcMalformedTest, Lookup) {
     ExpectLookupRejected("x holds " + std::to_string(bad), StatusCode::INVALID_ARGUMENT, "x.data",
                          r);
     r.set_training(false);
-    ExpectLookupRejected("evaluation x holds " + std::to_string(bad),
-                         StatusCode::INVALID_ARGUMENT, "x.data", r);
+    ExpectLookupRejected("evaluation x holds " + std::to_string(bad), StatusCode::INVALID_ARGUMENT,
+                         "x.data", r);
   }
   r = good;
   *r.mutable_x() = MakeTensor(v1::DTYPE_BF16, {1, kDim}, std::string(2 * kDim, '\0'));
@@ -1028,8 +1027,8 @@ TEST_F(RpcMalformedTest, Gradients) {
 
   ExpectGradientsRejected("no prior lookup", StatusCode::FAILED_PRECONDITION, "header",
                           MakeGradients(grads_, kT, 0, 9, 0));
-  ExpectGradientsRejected("no prior lookup, other layer", StatusCode::FAILED_PRECONDITION,
-                          "header", MakeGradients(grads_, kT, 0, 0, 2));
+  ExpectGradientsRejected("no prior lookup, other layer", StatusCode::FAILED_PRECONDITION, "header",
+                          MakeGradients(grads_, kT, 0, 0, 2));
   ExpectGradientsRejected("wrong step", StatusCode::FAILED_PRECONDITION, "header.step",
                           MakeGradients(grads_, kT, 1, 0, 0));
   ExpectGradientsRejected("unknown layer", StatusCode::NOT_FOUND, "header.layer",
@@ -1044,14 +1043,14 @@ TEST_F(RpcMalformedTest, Gradients) {
 
   r = good;
   *r.mutable_key_grads() = Fp32(std::vector<float>((n + 1) * kDim, 0.1f), {n + 1, kDim});
-  ExpectGradientsRejected("key_grads [|S| + 1, d]", StatusCode::INVALID_ARGUMENT,
-                          "key_grads.shape", r);
+  ExpectGradientsRejected("key_grads [|S| + 1, d]", StatusCode::INVALID_ARGUMENT, "key_grads.shape",
+                          r);
   *r.mutable_key_grads() = Fp32(grads_.keys, {n * kDim});
   ExpectGradientsRejected("key_grads rank 1", StatusCode::INVALID_ARGUMENT, "key_grads.shape", r);
   *r.mutable_key_grads() = Fp32(grads_.keys, {kDim, n});
   if (n != kDim) {
-    ExpectGradientsRejected("key_grads transposed", StatusCode::INVALID_ARGUMENT,
-                            "key_grads.shape", r);
+    ExpectGradientsRejected("key_grads transposed", StatusCode::INVALID_ARGUMENT, "key_grads.shape",
+                            r);
   }
   r = good;
   r.mutable_key_grads()->set_dtype(v1::DTYPE_INT32);
@@ -1067,22 +1066,20 @@ TEST_F(RpcMalformedTest, Gradients) {
   ExpectGradientsRejected("value_grads mislabelled", StatusCode::INVALID_ARGUMENT,
                           "value_grads.data", r);
 
-  for (float bad : {std::numeric_limits<float>::quiet_NaN(),
-                    std::numeric_limits<float>::infinity()}) {
+  for (float bad :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     Grads g = grads_;
     g.keys[g.keys.size() - 1] = bad;
     ExpectGradientsRejected("key_grads hold " + std::to_string(bad), StatusCode::INVALID_ARGUMENT,
                             "key_grads.data", MakeGradients(g, kT, 0, 0, 0));
     g = grads_;
     g.values[0] = bad;
-    ExpectGradientsRejected("value_grads hold " + std::to_string(bad),
-                            StatusCode::INVALID_ARGUMENT, "value_grads.data",
-                            MakeGradients(g, kT, 0, 0, 0));
+    ExpectGradientsRejected("value_grads hold " + std::to_string(bad), StatusCode::INVALID_ARGUMENT,
+                            "value_grads.data", MakeGradients(g, kT, 0, 0, 0));
     g = grads_;
     g.gates[0] = bad;  // token 0 is real: slot 0 is not empty
-    ExpectGradientsRejected("gate_grads hold " + std::to_string(bad),
-                            StatusCode::INVALID_ARGUMENT, "gate_grads.data",
-                            MakeGradients(g, kT, 0, 0, 0));
+    ExpectGradientsRejected("gate_grads hold " + std::to_string(bad), StatusCode::INVALID_ARGUMENT,
+                            "gate_grads.data", MakeGradients(g, kT, 0, 0, 0));
   }
 
   r = good;
@@ -1090,8 +1087,7 @@ TEST_F(RpcMalformedTest, Gradients) {
   ExpectGradientsRejected("gate_grads missing", StatusCode::INVALID_ARGUMENT, "gate_grads", r);
   r = good;
   *r.mutable_gate_grads() = Fp32(grads_.gates, {kT * kTopK});
-  ExpectGradientsRejected("gate_grads rank 1", StatusCode::INVALID_ARGUMENT, "gate_grads.shape",
-                          r);
+  ExpectGradientsRejected("gate_grads rank 1", StatusCode::INVALID_ARGUMENT, "gate_grads.shape", r);
   *r.mutable_gate_grads() = Fp32(std::vector<float>(kT * (kTopK + 1), 0.0f), {kT, kTopK + 1});
   ExpectGradientsRejected("gate_grads [T, top_k + 1]", StatusCode::INVALID_ARGUMENT,
                           "gate_grads.shape", r);
@@ -1267,10 +1263,12 @@ TEST_F(RpcMalformedTest, Checkpoints) {
     EXPECT_TRUE(saved.ok()) << saved.status();
     return saved.ok() ? saved->path : std::string("/missing");
   };
-  const std::string more_rows = write_other("rows", [](server::ServerOptions* o) { o->rows = 512; });
+  const std::string more_rows =
+      write_other("rows", [](server::ServerOptions* o) { o->rows = 512; });
   const std::string other_dim = write_other("dim", [](server::ServerOptions* o) { o->dim = 8; });
-  const std::string other_layers =
-      write_other("layers", [](server::ServerOptions* o) { o->layers = {0, 1}; });
+  const std::string other_layers = write_other("layers", [](server::ServerOptions* o) {
+    o->layers = {0, 1};
+  });
   for (const auto& [path, field] : {std::pair<std::string, std::string>{more_rows, "\"rows\""},
                                     {other_dim, "\"dim\""},
                                     {other_layers, "\"layers\""}}) {
@@ -1824,15 +1822,15 @@ TEST(RpcMetricsTest, ServerExportsPlausibleMetrics) {
     std::ofstream out(metrics_file);
     out << text;
   }
-  const std::string cmd = "/usr/bin/promtool check metrics < " + metrics_file + " > " + out_file +
-                          " 2>&1";
+  const std::string cmd =
+      "/usr/bin/promtool check metrics < " + metrics_file + " > " + out_file + " 2>&1";
   const int rc = std::system(cmd.c_str());
   std::ifstream promtool_out(out_file);
   const std::string promtool_text((std::istreambuf_iterator<char>(promtool_out)),
                                   std::istreambuf_iterator<char>());
   ASSERT_NE(rc, -1);
-  EXPECT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 0)
-      << "promtool check metrics failed:\n" << promtool_text;
+  EXPECT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 0) << "promtool check metrics failed:\n"
+                                                     << promtool_text;
 }
 
 }  // namespace

@@ -35,9 +35,8 @@ Selection ReferenceSelect(const LayerStore& s, const float* x, int64_t T, const 
     for (int64_t e = 0; e < E; ++e) gate[e] = k.dot(xt, s.router.Row(e), d);
     std::vector<int32_t> experts(E);
     std::iota(experts.begin(), experts.end(), 0);
-    std::sort(experts.begin(), experts.end(), [&](int32_t a, int32_t b) {
-      return gate[a] != gate[b] ? gate[a] > gate[b] : a < b;
-    });
+    std::sort(experts.begin(), experts.end(),
+              [&](int32_t a, int32_t b) { return gate[a] != gate[b] ? gate[a] > gate[b] : a < b; });
     std::vector<bool> probed(E, false);
     for (int64_t p = 0; p < n_probe; ++p) {
       probed[experts[p]] = true;
@@ -134,20 +133,45 @@ TEST(SelectorTest, EqualsDenseReferenceOnRandomShapes) {
       for (auto& m : mask) m = uniform(0, 4) != 0;
       SelectorOptions o;
       o.n_probe = uniform(1, static_cast<int>(E) + 2);  // sometimes more than E
-      o.top_k = uniform(1, 80);                          // sometimes more than the candidates
+      o.top_k = uniform(1, 80);                         // sometimes more than the candidates
       o.gated = trial % 2 == 0;
       o.max_rows = trial % 4 == 1 ? uniform(1, 30) : 0;
       const bool use_mask = trial % 3 != 2;
       const uint8_t* m = use_mask ? mask.data() : nullptr;
-      SCOPED_TRACE(testing::Message() << k.name << " E=" << E << " nk=" << nk << " d=" << d
-                                      << " T=" << T << " n_probe=" << o.n_probe << " top_k="
-                                      << o.top_k << " gated=" << o.gated
-                                      << " max_rows=" << o.max_rows);
+      SCOPED_TRACE(testing::Message() << k.name << " E=" << E << " nk=" << nk << " d=" << d << " T="
+                                      << T << " n_probe=" << o.n_probe << " top_k=" << o.top_k
+                                      << " gated=" << o.gated << " max_rows=" << o.max_rows);
       ExpectSame(Select(*s, x.data(), T, m, o, k), ReferenceSelect(*s, x.data(), T, m, o, k));
       ++cases;
     }
   }
   EXPECT_GE(cases, 40);
+}
+
+TEST(SelectorTest, EqualsDenseReferenceOnLargeExpertsAndManyExperts) {
+  // Shapes that cross the selector's blocking: experts with more keys than one key chunk (128),
+  // more experts than one gate block, more tokens than one token chunk (32), and E = 1.
+  std::mt19937 rng(77);
+  struct Shape {
+    int64_t experts, keys_per_expert, d, tokens, n_probe, top_k;
+    bool gated;
+  };
+  for (const Shape& sh : {Shape{1, 300, 20, 40, 1, 17, false}, Shape{2, 260, 9, 70, 2, 64, true},
+                          Shape{150, 2, 16, 37, 5, 6, true}, Shape{300, 1, 5, 65, 8, 4, false}}) {
+    SCOPED_TRACE(testing::Message() << "E=" << sh.experts << " nk=" << sh.keys_per_expert);
+    store::InitOptions init;
+    init.router_init = store::RouterInit::kNormal;
+    auto s = LayerStore::Create(0, sh.experts * sh.keys_per_expert, sh.d, sh.experts, init);
+    ASSERT_TRUE(s.ok());
+    const std::vector<float> x = RandomTokens(sh.tokens, sh.d, rng);
+    SelectorOptions o;
+    o.n_probe = sh.n_probe;
+    o.top_k = sh.top_k;
+    o.gated = sh.gated;
+    o.max_rows = 50;
+    ExpectSame(Select(*s, x.data(), sh.tokens, nullptr, o, kernels::Best()),
+               ReferenceSelect(*s, x.data(), sh.tokens, nullptr, o, kernels::Best()));
+  }
 }
 
 TEST(SelectorTest, TiesBreakTowardLowerIds) {
