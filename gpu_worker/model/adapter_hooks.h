@@ -1,0 +1,39 @@
+#pragma once
+
+// Extension points of the frozen decoder (llama.h) through which adapters (MEFT's sparse
+// adapter, the dense `parallel` baseline, LoRA) add their contribution. The decoder calls the
+// hooks synchronously from Forward on the caller's thread; whatever a hook returns stays in the
+// autograd graph, so gradients from the logits reach the adapter's parameters and, through the
+// hook's inputs, earlier layers.
+
+#include <torch/types.h>
+
+#include <cstdint>
+#include <string>
+
+namespace meft::worker {
+
+class AdapterHooks {
+ public:
+  virtual ~AdapterHooks() = default;
+
+  // ffn_input: the post-attention RMSNorm output of `layer`, [B, T, d] in the model's dtype;
+  // token_mask: [B, T] int64 on the model's device (1 = real token, 0 = padding).
+  // Returns a tensor broadcastable to [B, T, d] that is added to the FFN output before the
+  // residual add, or an undefined tensor for "no contribution".
+  virtual torch::Tensor FfnDelta(int64_t /*layer*/, const torch::Tensor& /*ffn_input*/,
+                                 const torch::Tensor& /*token_mask*/) {
+    return {};
+  }
+
+  // For LoRA: called for each projection ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+  // "up_proj", "down_proj") of `layer` with its input [B, T, in_features]; the result (shape of
+  // the projection's output, [B, T, out_features]) or an undefined tensor is added to the
+  // projection's output.
+  virtual torch::Tensor ProjectionDelta(int64_t /*layer*/, const std::string& /*projection*/,
+                                        const torch::Tensor& /*input*/) {
+    return {};
+  }
+};
+
+}  // namespace meft::worker

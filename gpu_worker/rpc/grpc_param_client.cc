@@ -1,0 +1,222 @@
+#include "gpu_worker/rpc/grpc_param_client.h"
+
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/rpc/status_convert.h"
+#include "common/status.h"
+#include "common/wire/tensor_codec.h"
+#include "meft/v1/param_server.grpc.pb.h"
+
+namespace meft::worker {
+namespace {
+
+// float or bf16 CPU tensor -> wire Tensor (bf16 rounding to nearest even, as the server does).
+void FloatsToProto(const torch::Tensor& t, bool bf16, v1::Tensor* out) {
+  const torch::Tensor cpu = t.detach().to(torch::kCPU, torch::kFloat32).contiguous();
+  out->set_dtype(bf16 ? v1::DTYPE_BF16 : v1::DTYPE_FP32);
+  for (int64_t d : cpu.sizes()) out->add_shape(d);
+  std::string data;
+  wire::EncodeFloats(
+      std::span<const float>(cpu.data_ptr<float>(), static_cast<size_t>(cpu.numel())),
+      bf16 ? wire::DType::kBf16 : wire::DType::kFp32, &data);
+  out->set_data(std::move(data));
+}
+
+// Decodes a response tensor (fp32, bf16 or int32) into a CPU tensor (float32 / bfloat16 kept as
+// bf16 / int64). An absent tensor gives an undefined tensor.
+absl::StatusOr<torch::Tensor> FromProto(const v1::Tensor& t, const char* field) {
+  if (t.dtype() == v1::DTYPE_UNSPECIFIED && t.shape_size() == 0) return torch::Tensor();
+  std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
+  int64_t numel = 1;
+  for (int64_t d : shape) {
+    if (d < 0) return absl::DataLossError(absl::StrCat("server answer ", field, ": negative dim"));
+    numel *= d;
+  }
+  const std::string& data = t.data();
+  auto check = [&](size_t elem) -> absl::Status {
+    if (data.size() != static_cast<size_t>(numel) * elem) {
+      return absl::DataLossError(absl::StrCat("server answer ", field, ": ", data.size(),
+                                              " bytes for ", numel, " elements"));
+    }
+    return absl::OkStatus();
+  };
+  switch (t.dtype()) {
+    case v1::DTYPE_FP32: {
+      MEFT_RETURN_IF_ERROR(check(4));
+      torch::Tensor out = torch::empty(shape, torch::kFloat32);
+      std::memcpy(out.data_ptr<float>(), data.data(), data.size());
+      return out;
+    }
+    case v1::DTYPE_BF16: {
+      MEFT_RETURN_IF_ERROR(check(2));
+      torch::Tensor out = torch::empty(shape, torch::kBFloat16);
+      std::memcpy(out.data_ptr(), data.data(), data.size());
+      return out;
+    }
+    case v1::DTYPE_INT32: {
+      MEFT_RETURN_IF_ERROR(check(4));
+      torch::Tensor out = torch::empty(shape, torch::kInt32);
+      std::memcpy(out.data_ptr<int32_t>(), data.data(), data.size());
+      return out.to(torch::kInt64);
+    }
+    default:
+      return absl::DataLossError(absl::StrCat("server answer ", field, ": unexpected dtype ",
+                                              static_cast<int>(t.dtype())));
+  }
+}
+
+void SetHeader(const StepHeader& h, v1::RequestHeader* out) {
+  out->set_step(h.step);
+  out->set_micro_step(h.micro_step);
+  out->set_layer(h.layer);
+}
+
+class GrpcParamClient final : public ParamClient {
+ public:
+  explicit GrpcParamClient(const GrpcClientOptions& options) : options_(options) {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(options.max_message_bytes);
+    args.SetMaxSendMessageSize(options.max_message_bytes);
+    stub_ = v1::ParamServer::NewStub(
+        grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(), args));
+  }
+
+  absl::StatusOr<LookupResult> Lookup(const StepHeader& header, const torch::Tensor& x,
+                                      const torch::Tensor& token_mask, bool training) override {
+    try {
+      v1::LookupRequest request;
+      SetHeader(header, request.mutable_header());
+      FloatsToProto(x, /*bf16=*/false, request.mutable_x());
+      if (token_mask.defined()) {
+        const torch::Tensor m =
+            token_mask.detach().to(torch::kCPU).ne(0).to(torch::kUInt8).contiguous();
+        v1::Tensor* mt = request.mutable_token_mask();
+        mt->set_dtype(v1::DTYPE_UINT8);
+        mt->add_shape(m.numel());
+        mt->set_data(std::string(reinterpret_cast<const char*>(m.data_ptr<uint8_t>()),
+                                 static_cast<size_t>(m.numel())));
+      }
+      request.set_training(training);
+      request.set_row_dtype(options_.bf16_rows ? v1::DTYPE_BF16 : v1::DTYPE_FP32);
+      v1::LookupResponse response;
+      MEFT_RETURN_IF_ERROR(Call("Lookup", &v1::ParamServer::Stub::Lookup, request, &response));
+      LookupResult r;
+      MEFT_ASSIGN_OR_RETURN(r.row_ids, FromProto(response.row_ids(), "row_ids"));
+      MEFT_ASSIGN_OR_RETURN(r.keys, FromProto(response.keys(), "keys"));
+      MEFT_ASSIGN_OR_RETURN(r.values, FromProto(response.values(), "values"));
+      MEFT_ASSIGN_OR_RETURN(r.token_rows, FromProto(response.token_rows(), "token_rows"));
+      MEFT_ASSIGN_OR_RETURN(r.token_gates, FromProto(response.token_gates(), "token_gates"));
+      MEFT_ASSIGN_OR_RETURN(r.token_experts, FromProto(response.token_experts(), "token_experts"));
+      MEFT_ASSIGN_OR_RETURN(r.expert_ids, FromProto(response.expert_ids(), "expert_ids"));
+      MEFT_ASSIGN_OR_RETURN(r.router_rows, FromProto(response.router_rows(), "router_rows"));
+      r.replayed = response.replayed();
+      return r;
+    } catch (const c10::Error& e) {
+      return absl::InternalError(absl::StrCat("Lookup: ", e.what_without_backtrace()));
+    }
+  }
+
+  absl::Status Gradients(const StepHeader& header, const torch::Tensor& key_grads,
+                         const torch::Tensor& value_grads,
+                         const torch::Tensor& gate_grads) override {
+    try {
+      v1::GradientsRequest request;
+      SetHeader(header, request.mutable_header());
+      FloatsToProto(key_grads, options_.bf16_grads, request.mutable_key_grads());
+      FloatsToProto(value_grads, options_.bf16_grads, request.mutable_value_grads());
+      if (gate_grads.defined()) FloatsToProto(gate_grads, false, request.mutable_gate_grads());
+      v1::GradientsResponse response;
+      return Call("Gradients", &v1::ParamServer::Stub::Gradients, request, &response);
+    } catch (const c10::Error& e) {
+      return absl::InternalError(absl::StrCat("Gradients: ", e.what_without_backtrace()));
+    }
+  }
+
+  absl::StatusOr<double> GradNorm(uint64_t step) override {
+    v1::GradNormRequest request;
+    request.set_step(step);
+    v1::GradNormResponse response;
+    MEFT_RETURN_IF_ERROR(Call("GradNorm", &v1::ParamServer::Stub::GradNorm, request, &response));
+    return response.squared_norm();
+  }
+
+  absl::Status Step(uint64_t step, double lr, double clip_factor) override {
+    v1::StepRequest request;
+    request.set_step(step);
+    request.set_lr(lr);
+    request.set_clip_factor(clip_factor);
+    v1::StepResponse response;
+    return Call("Step", &v1::ParamServer::Stub::Step, request, &response);
+  }
+
+  absl::StatusOr<std::string> SaveCheckpoint(const std::string& directory) override {
+    v1::SaveCheckpointRequest request;
+    request.set_directory(directory);
+    v1::SaveCheckpointResponse response;
+    MEFT_RETURN_IF_ERROR(
+        Call("SaveCheckpoint", &v1::ParamServer::Stub::SaveCheckpoint, request, &response));
+    return response.path();
+  }
+
+  absl::Status RestoreCheckpoint(const std::string& path) override {
+    v1::RestoreCheckpointRequest request;
+    request.set_path(path);
+    v1::RestoreCheckpointResponse response;
+    return Call("RestoreCheckpoint", &v1::ParamServer::Stub::RestoreCheckpoint, request, &response);
+  }
+
+  absl::StatusOr<ServerDescription> Describe() override {
+    v1::ServerInfoResponse r;
+    MEFT_RETURN_IF_ERROR(
+        Call("ServerInfo", &v1::ParamServer::Stub::ServerInfo, v1::ServerInfoRequest(), &r));
+    ServerDescription d;
+    d.layers.assign(r.layers().begin(), r.layers().end());
+    d.rows = r.rows();
+    d.dim = r.dim();
+    d.experts = r.experts();
+    d.n_probe = r.n_probe();
+    d.top_k = r.top_k();
+    d.max_rows = r.max_rows();
+    d.max_tokens = r.max_tokens();
+    d.per_token = r.mode() != v1::SELECTION_MODE_UNION;
+    d.gated = r.gated();
+    d.step = r.step();
+    return d;
+  }
+
+ private:
+  template <typename Request, typename Response>
+  absl::Status Call(const char* method,
+                    grpc::Status (v1::ParamServer::Stub::*fn)(grpc::ClientContext*, const Request&,
+                                                              Response*),
+                    const Request& request, Response* response) {
+    grpc::ClientContext context;
+    context.set_deadline(
+        std::chrono::system_clock::now() +
+        std::chrono::milliseconds(static_cast<int64_t>(options_.deadline_seconds * 1000)));
+    const grpc::Status s = (stub_.get()->*fn)(&context, request, response);
+    if (s.ok()) return absl::OkStatus();
+    const absl::Status a = rpc::FromGrpcStatus(s);
+    return absl::Status(a.code(), absl::StrCat("parameter server ", options_.address, " ", method,
+                                               ": ", a.message()));
+  }
+
+  GrpcClientOptions options_;
+  std::unique_ptr<v1::ParamServer::Stub> stub_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ParamClient>> CreateGrpcParamClient(
+    const GrpcClientOptions& options) {
+  if (options.address.empty()) return absl::InvalidArgumentError("server address: empty");
+  return std::unique_ptr<ParamClient>(new GrpcParamClient(options));
+}
+
+}  // namespace meft::worker

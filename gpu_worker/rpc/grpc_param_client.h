@@ -1,0 +1,25 @@
+#pragma once
+
+// ParamClient over gRPC (meft.v1.ParamServer): the only worker code that sees protobuf.
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "gpu_worker/client/param_client.h"
+
+namespace meft::worker {
+
+struct GrpcClientOptions {
+  std::string address = "127.0.0.1:50051";
+  int max_message_bytes = 1024 << 20;
+  double deadline_seconds = 600.0;  // per call
+  bool bf16_rows = true;            // ask for bf16 key/value/router rows (else fp32)
+  bool bf16_grads = false;          // send key/value gradients as bf16 (else fp32)
+};
+
+// Connects lazily; every call returns the server's status with the method named.
+absl::StatusOr<std::unique_ptr<ParamClient>> CreateGrpcParamClient(
+    const GrpcClientOptions& options);
+
+}  // namespace meft::worker
