@@ -1,0 +1,318 @@
+#include "gpu_worker/train/trainer.h"
+
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/io/file_util.h"
+#include "common/safetensors/safetensors.h"
+#include "common/status.h"
+#include "nlohmann/json.hpp"
+
+namespace meft::worker {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using nlohmann::json;
+namespace st = ::meft::safetensors;
+
+std::string CheckpointName(int64_t step) { return absl::StrCat("checkpoint-", step); }
+
+std::string FormatDuration(double seconds) {
+  const int64_t s = static_cast<int64_t>(std::max(0.0, seconds));
+  return absl::StrFormat("%02d:%02d", s / 60, s % 60);
+}
+
+// fp32 CPU copies of named tensors, for safetensors.
+absl::StatusOr<uint64_t> WriteTensors(
+    const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& named) {
+  std::vector<torch::Tensor> keep;
+  std::vector<st::TensorToWrite> out;
+  for (const auto& [name, t] : named) {
+    keep.push_back(t.detach().to(torch::kCPU, torch::kFloat32).contiguous());
+    const torch::Tensor& c = keep.back();
+    out.push_back({name, st::DType::kF32, std::vector<int64_t>(c.sizes().begin(), c.sizes().end()),
+                   std::span<const uint8_t>(static_cast<const uint8_t*>(c.data_ptr()),
+                                            static_cast<size_t>(c.numel()) * sizeof(float))});
+  }
+  return st::Write(path, out);
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, torch::Tensor>>> ReadTensors(
+    const std::string& path) {
+  MEFT_ASSIGN_OR_RETURN(auto file, st::File::Open(path));
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const st::TensorInfo& info : file->tensors()) {
+    if (info.dtype != st::DType::kF32) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": tensor \"", info.name, "\" is not F32"));
+    }
+    MEFT_ASSIGN_OR_RETURN(auto data, file->Data(info.name));
+    torch::Tensor t = torch::empty(info.shape, torch::kFloat32);
+    std::memcpy(t.data_ptr(), data.data(), data.size());
+    out.emplace_back(info.name, t);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::pair<torch::Tensor, int64_t> CausalLmLoss(const torch::Tensor& logits,
+                                               const torch::Tensor& labels) {
+  const int64_t vocab = logits.size(-1);
+  const torch::Tensor shifted_logits = logits.narrow(1, 0, logits.size(1) - 1).reshape({-1, vocab});
+  const torch::Tensor shifted_labels = labels.narrow(1, 1, labels.size(1) - 1).reshape({-1});
+  const int64_t count = shifted_labels.ne(kIgnoreIndex).sum().item<int64_t>();
+  if (count == 0) return {torch::zeros({}, logits.options()), 0};
+  namespace F = torch::nn::functional;
+  const torch::Tensor loss = F::cross_entropy(
+      shifted_logits.to(torch::kFloat32), shifted_labels,
+      F::CrossEntropyFuncOptions().ignore_index(kIgnoreIndex).reduction(torch::kMean));
+  return {loss, count};
+}
+
+Trainer::Trainer(const LlamaModel* model, TrainTarget target, DataLoader* loader,
+                 TrainerOptions options)
+    : model_(model), target_(std::move(target)), loader_(loader), options_(std::move(options)) {}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const LlamaModel* model,
+                                                         TrainTarget target, DataLoader* loader,
+                                                         TrainerOptions options) {
+  if (options.max_steps <= 0)
+    return absl::InvalidArgumentError("train.max_steps: must be positive");
+  if (options.grad_accum <= 0)
+    return absl::InvalidArgumentError("train.grad_accum: must be positive");
+  if (!(options.lr >= 0)) return absl::InvalidArgumentError("train.lr: must be >= 0");
+  if (target.adapter == "meft") {
+    if (target.meft == nullptr || target.server == nullptr) {
+      return absl::InvalidArgumentError("adapter: meft needs a parameter server");
+    }
+  } else if (target.local.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("adapter: ", target.adapter, " has no trainable parameters"));
+  }
+  auto trainer =
+      std::unique_ptr<Trainer>(new Trainer(model, std::move(target), loader, std::move(options)));
+  if (!trainer->target_.local.empty()) {
+    trainer->adamw_ =
+        std::make_unique<DeviceAdamW>(trainer->target_.local, trainer->options_.adamw);
+  }
+  return trainer;
+}
+
+absl::StatusOr<StepStats> Trainer::TrainStep() {
+  const auto start = Clock::now();
+  StepStats stats;
+  const int64_t warmup =
+      static_cast<int64_t>(std::ceil(options_.warmup_ratio * options_.max_steps));
+  stats.lr = LinearScheduleLr(options_.lr, step_, warmup, options_.max_steps);
+  double loss_sum = 0.0;
+  int64_t loss_batches = 0;
+  try {
+    for (int64_t m = 0; m < options_.grad_accum; ++m) {
+      MEFT_ASSIGN_OR_RETURN(Batch batch, loader_->Next());
+      const torch::Device device = model_->device();
+      const torch::Tensor ids = batch.input_ids.to(device);
+      const torch::Tensor mask = batch.attention_mask.to(device);
+      const torch::Tensor labels = batch.labels.to(device);
+      if (target_.meft != nullptr) {
+        target_.meft->BeginMicroBatch(static_cast<uint64_t>(step_), static_cast<uint32_t>(m), true);
+      }
+      const torch::Tensor logits = model_->Forward(ids, mask, nullptr, target_.hooks);
+      auto [loss, count] = CausalLmLoss(logits, labels);
+      stats.tokens += batch.attention_mask.sum().item<int64_t>();
+      if (count == 0) continue;
+      (loss / static_cast<double>(options_.grad_accum)).backward();
+      loss_sum += loss.item<double>();
+      ++loss_batches;
+    }
+    // Global norm over every adapter gradient, then the optimizer step.
+    double squared = adamw_ ? adamw_->SquaredGradNorm() : 0.0;
+    if (target_.adapter == "meft") {
+      MEFT_ASSIGN_OR_RETURN(const double server_sq,
+                            target_.server->GradNorm(static_cast<uint64_t>(step_)));
+      squared += server_sq;
+    }
+    stats.grad_norm = std::sqrt(squared);
+    double clip = 1.0;
+    if (options_.max_grad_norm > 0) {
+      clip = std::min(1.0, options_.max_grad_norm / (stats.grad_norm + 1e-6));
+    }
+    if (!std::isfinite(stats.grad_norm)) {
+      return absl::DataLossError(absl::StrCat("step ", step_, ": gradient norm is not finite"));
+    }
+    if (target_.adapter == "meft") {
+      MEFT_RETURN_IF_ERROR(target_.server->Step(static_cast<uint64_t>(step_), stats.lr, clip));
+    } else {
+      adamw_->Step(stats.lr, clip);
+    }
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("step ", step_, ": ", e.what_without_backtrace()));
+  }
+  ++step_;
+  stats.step = step_;
+  stats.loss = loss_batches > 0 ? loss_sum / static_cast<double>(loss_batches) : 0.0;
+  stats.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return stats;
+}
+
+absl::StatusOr<std::vector<StepStats>> Trainer::Run(
+    const std::function<absl::Status(const StepStats&)>& after_step) {
+  if (target_.adapter == "meft") {
+    MEFT_ASSIGN_OR_RETURN(const ServerDescription server, target_.server->Describe());
+    if (static_cast<int64_t>(server.step) != step_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the parameter server is at optimizer step ", server.step, " but training is at step ",
+          step_, ": start the server fresh, or resume from the matching checkpoint"));
+    }
+  }
+  std::vector<StepStats> history;
+  const bool tty = ::isatty(STDERR_FILENO) != 0;
+  const auto start = Clock::now();
+  const int64_t first = step_;
+  int64_t tokens = 0;
+  double smoothed = 0.0;
+  while (step_ < options_.max_steps) {
+    MEFT_ASSIGN_OR_RETURN(StepStats stats, TrainStep());
+    history.push_back(stats);
+    tokens += stats.tokens;
+    smoothed = history.size() == 1 ? stats.loss : 0.9 * smoothed + 0.1 * stats.loss;
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    const double per_step = elapsed / static_cast<double>(step_ - first);
+    const double eta = per_step * static_cast<double>(options_.max_steps - step_);
+    const bool log_now =
+        step_ % std::max<int64_t>(1, options_.log_every) == 0 || step_ == options_.max_steps;
+    if (options_.progress && (tty || log_now)) {
+      const int width = 24;
+      const int filled = static_cast<int>(width * step_ / options_.max_steps);
+      std::fprintf(stderr, "%sstep %lld/%lld [%s%s] loss %.4f | lr %.2e | %.0f tok/s | ETA %s%s",
+                   tty ? "\r" : "", static_cast<long long>(step_),
+                   static_cast<long long>(options_.max_steps), std::string(filled, '=').c_str(),
+                   std::string(width - filled, ' ').c_str(), smoothed, stats.lr,
+                   static_cast<double>(tokens) / std::max(elapsed, 1e-9),
+                   FormatDuration(eta).c_str(), tty && !(step_ == options_.max_steps) ? "" : "\n");
+      std::fflush(stderr);
+    }
+    if (after_step) MEFT_RETURN_IF_ERROR(after_step(stats));
+    const bool save_now = options_.save_every > 0 && step_ % options_.save_every == 0;
+    if (!options_.output_dir.empty() && (save_now || step_ == options_.max_steps)) {
+      MEFT_ASSIGN_OR_RETURN(const std::string path, SaveCheckpoint());
+      if (options_.progress) {
+        std::fprintf(stderr, "%scheckpoint %s\n", tty ? "\n" : "", path.c_str());
+      }
+    }
+  }
+  return history;
+}
+
+absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
+  const std::string final_dir = absl::StrCat(options_.output_dir, "/", CheckpointName(step_));
+  const std::string tmp_dir = absl::StrCat(final_dir, ".tmp-", ::getpid());
+  MEFT_RETURN_IF_ERROR(io::RemoveAll(tmp_dir));
+  MEFT_RETURN_IF_ERROR(io::CreateDirectories(tmp_dir));
+  json state = {{"global_step", step_},
+                {"epoch", loader_->position().epoch},
+                {"batch_index", loader_->position().index},
+                {"adapter", target_.adapter},
+                {"max_steps", options_.max_steps},
+                {"grad_accum", options_.grad_accum},
+                {"lr", options_.lr},
+                {"writer", "meft-worker"}};
+  json config = {{"adapter", target_.adapter}};
+  try {
+    if (target_.adapter == "meft") {
+      // The adapter itself lives on the server: it writes its own checkpoint-<step>/.
+      MEFT_ASSIGN_OR_RETURN(const std::string server_path, target_.server->SaveCheckpoint(""));
+      state["server_checkpoint"] = server_path;
+      config["server_checkpoint"] = server_path;
+    } else {
+      MEFT_RETURN_IF_ERROR(
+          WriteTensors(absl::StrCat(tmp_dir, "/adapter_model.safetensors"), target_.local)
+              .status());
+      auto opt = adamw_->State();
+      MEFT_RETURN_IF_ERROR(
+          WriteTensors(absl::StrCat(tmp_dir, "/optimizer.safetensors"), opt).status());
+      state["optimizer_step"] = adamw_->step();
+    }
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("checkpoint: ", e.what_without_backtrace()));
+  }
+  MEFT_RETURN_IF_ERROR(
+      io::WriteFileDurably(absl::StrCat(tmp_dir, "/trainer_state.json"), {state.dump(2) + "\n"}));
+  MEFT_RETURN_IF_ERROR(
+      io::WriteFileDurably(absl::StrCat(tmp_dir, "/adapter_config.json"), {config.dump(2) + "\n"}));
+  MEFT_RETURN_IF_ERROR(io::FsyncDirectory(tmp_dir));
+  MEFT_RETURN_IF_ERROR(io::ReplaceDirectoryAtomically(tmp_dir, final_dir));
+  return final_dir;
+}
+
+absl::Status Trainer::Resume(const std::string& dir) {
+  const std::string state_path = absl::StrCat(dir, "/trainer_state.json");
+  MEFT_ASSIGN_OR_RETURN(const std::string text, io::ReadFile(state_path));
+  const json state = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (state.is_discarded() || !state.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(state_path, ": not a JSON object"));
+  }
+  for (const char* key : {"global_step", "epoch", "batch_index"}) {
+    if (!state.contains(key) || !state[key].is_number_integer() || state[key].get<int64_t>() < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(state_path, ": field \"", key, "\" is missing or not a count"));
+    }
+  }
+  if (!state.contains("adapter") || state["adapter"] != target_.adapter) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        state_path, ": field \"adapter\" is ", state.value("adapter", json("missing")).dump(),
+        " but this run trains ", target_.adapter));
+  }
+  const int64_t step = state["global_step"].get<int64_t>();
+  if (target_.adapter == "meft") {
+    if (!state.contains("server_checkpoint") || !state["server_checkpoint"].is_string()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(state_path, ": field \"server_checkpoint\" is missing"));
+    }
+    MEFT_RETURN_IF_ERROR(
+        target_.server->RestoreCheckpoint(state["server_checkpoint"].get<std::string>()));
+  } else {
+    MEFT_ASSIGN_OR_RETURN(auto params,
+                          ReadTensors(absl::StrCat(dir, "/adapter_model.safetensors")));
+    MEFT_ASSIGN_OR_RETURN(auto opt, ReadTensors(absl::StrCat(dir, "/optimizer.safetensors")));
+    try {
+      torch::NoGradGuard no_grad;
+      for (auto& [name, p] : target_.local) {
+        bool found = false;
+        for (const auto& [n, t] : params) {
+          if (n != name) continue;
+          if (t.sizes() != p.sizes()) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                dir, "/adapter_model.safetensors: tensor \"", name, "\" has the wrong shape"));
+          }
+          p.copy_(t);
+          found = true;
+        }
+        if (!found) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(dir, "/adapter_model.safetensors: tensor \"", name, "\" is missing"));
+        }
+      }
+    } catch (const c10::Error& e) {
+      return absl::InternalError(absl::StrCat("resume: ", e.what_without_backtrace()));
+    }
+    if (!adamw_->Restore(opt, state.value("optimizer_step", int64_t{0}))) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(dir, "/optimizer.safetensors: state does not match the parameters"));
+    }
+  }
+  MEFT_RETURN_IF_ERROR(
+      loader_->Seek(state["epoch"].get<int64_t>(), state["batch_index"].get<int64_t>()));
+  step_ = step;
+  return absl::OkStatus();
+}
+
+}  // namespace meft::worker

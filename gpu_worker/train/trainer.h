@@ -1,0 +1,97 @@
+#pragma once
+
+// The training loop (DESIGN §3): micro-batches with gradient accumulation, a linear warmup and
+// decay schedule, global-norm clipping over every adapter gradient (for MEFT through the
+// server's squared-norm query), the optimizer step (the server's lazy Adam for MEFT, DeviceAdamW
+// for the baselines), progress output, and checkpoints that resume bit-identically.
+
+#include <torch/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "gpu_worker/adapters/meft_adapter.h"
+#include "gpu_worker/data/dataset.h"
+#include "gpu_worker/model/llama.h"
+#include "gpu_worker/train/adamw.h"
+
+namespace meft::worker {
+
+// What is trained. For "meft", `meft` and `server` are set and the parameters live on the
+// server; for "parallel" and "lora", `local` holds the device parameters.
+struct TrainTarget {
+  std::string adapter;            // "meft" | "parallel" | "lora"
+  AdapterHooks* hooks = nullptr;  // passed to the model's Forward
+  MeftAdapter* meft = nullptr;
+  ParamClient* server = nullptr;
+  std::vector<std::pair<std::string, torch::Tensor>> local;
+};
+
+struct TrainerOptions {
+  int64_t max_steps = 100;     // optimizer steps
+  int64_t grad_accum = 1;      // micro-batches per optimizer step
+  double lr = 1e-3;            // peak learning rate
+  double warmup_ratio = 0.02;  // warmup steps = ceil(ratio * max_steps)
+  double max_grad_norm = 1.0;  // global-norm clipping; 0 disables
+  AdamWOptions adamw;          // baselines only (MEFT's Adam runs on the server)
+  int64_t log_every = 10;      // steps between log lines (and progress updates off a TTY)
+  int64_t save_every = 0;      // steps between checkpoints; 0 = only at the end
+  std::string output_dir;      // checkpoint-<step>/ folders go here ("" = no checkpoints)
+  bool progress = true;        // progress bar on stderr
+};
+
+struct StepStats {
+  int64_t step = 0;  // optimizer steps done after this one
+  double loss = 0.0;
+  double grad_norm = 0.0;
+  double lr = 0.0;
+  int64_t tokens = 0;
+  double seconds = 0.0;
+};
+
+class Trainer {
+ public:
+  // `model`, the target's objects and `loader` must outlive the trainer.
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const LlamaModel* model,
+                                                         TrainTarget target, DataLoader* loader,
+                                                         TrainerOptions options);
+
+  // Continues from a checkpoint-<step>/ folder written by SaveCheckpoint: the step, the data
+  // position, the baselines' parameters and AdamW state; for MEFT the server is told to restore
+  // the server checkpoint recorded there.
+  absl::Status Resume(const std::string& checkpoint_dir);
+
+  // Trains from step() to max_steps. `after_step` (may be empty) runs after every optimizer step
+  // (evaluation hooks); an error from it stops training. Checkpoints every save_every steps and
+  // at the end when output_dir is set. Returns the per-step statistics of this run.
+  absl::StatusOr<std::vector<StepStats>> Run(
+      const std::function<absl::Status(const StepStats&)>& after_step = {});
+
+  // Writes output_dir/checkpoint-<step()>/ atomically; returns its path.
+  absl::StatusOr<std::string> SaveCheckpoint();
+
+  int64_t step() const { return step_; }
+
+ private:
+  Trainer(const LlamaModel* model, TrainTarget target, DataLoader* loader, TrainerOptions options);
+  absl::StatusOr<StepStats> TrainStep();
+
+  const LlamaModel* model_;
+  TrainTarget target_;
+  DataLoader* loader_;
+  TrainerOptions options_;
+  std::unique_ptr<DeviceAdamW> adamw_;
+  int64_t step_ = 0;
+};
+
+// Mean cross-entropy of next-token prediction over labelled positions (labels != -100); the
+// logits at position t predict the label at t + 1. Returns the mean and the number of labels.
+std::pair<torch::Tensor, int64_t> CausalLmLoss(const torch::Tensor& logits,
+                                               const torch::Tensor& labels);
+
+}  // namespace meft::worker

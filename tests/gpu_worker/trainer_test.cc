@@ -1,0 +1,228 @@
+// The training loop: optimizer and schedule against references, loss going down for every
+// adapter (MEFT through a real parameter server on port 0), and bit-identical resume.
+
+#include "gpu_worker/train/trainer.h"
+
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "gmock/gmock.h"
+#include "gpu_worker/adapters/baselines.h"
+#include "gpu_worker/rpc/grpc_param_client.h"
+#include "gtest/gtest.h"
+#include "param_server/rpc/service.h"
+#include "param_server/server/param_server.h"
+
+namespace meft::worker {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+TEST(AdamWTest, EqualsTorchOptimAdamW) {
+  torch::manual_seed(1);
+  torch::Tensor a = torch::randn({5, 3}, torch::requires_grad());
+  torch::Tensor b = a.detach().clone().requires_grad_();
+  torch::optim::AdamW reference({b}, torch::optim::AdamWOptions(0.01).weight_decay(0.1));
+  DeviceAdamW mine({{"a", a}}, {.beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.1});
+  for (int step = 0; step < 6; ++step) {
+    const torch::Tensor g = torch::randn({5, 3});
+    a.mutable_grad() = g.clone();
+    b.mutable_grad() = g.clone();
+    mine.Step(0.01, 1.0);
+    reference.step();
+    ASSERT_TRUE(torch::equal(a, b)) << "step " << step << "\n" << a - b;
+  }
+  EXPECT_EQ(mine.step(), 6);
+}
+
+TEST(ScheduleTest, MatchesHuggingFaceLinearWithWarmup) {
+  // get_linear_schedule_with_warmup(num_warmup_steps=2, num_training_steps=10), base 1.0.
+  const double want[] = {0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125};
+  for (int s = 0; s < 10; ++s) EXPECT_DOUBLE_EQ(LinearScheduleLr(1.0, s, 2, 10), want[s]) << s;
+  EXPECT_DOUBLE_EQ(LinearScheduleLr(1.0, 0, 0, 4), 1.0);
+}
+
+TEST(LossTest, CausalShiftAndIgnoreIndex) {
+  // Two positions predict labels at t+1; one label ignored.
+  const torch::Tensor logits = torch::tensor({{{2.0f, 0.0f}, {0.0f, 3.0f}, {1.0f, 1.0f}}});
+  const torch::Tensor labels = torch::tensor({{-100L, 1L, -100L}});
+  auto [loss, count] = CausalLmLoss(logits, labels);
+  EXPECT_EQ(count, 1);
+  EXPECT_NEAR(loss.item<double>(), std::log(1 + std::exp(2.0)), 1e-6);  // -log softmax([2,0])[1]
+}
+
+// A tiny next-token task over the golden model's vocabulary: fixed question -> answer pairs.
+std::vector<TokenizedExample> TinyDataset(int64_t n) {
+  std::vector<TokenizedExample> out;
+  for (int64_t i = 0; i < n; ++i) {
+    TokenizedExample e;
+    e.input_ids = {1, 10 + i % 7, 20 + i % 5, 40 + (i * 7) % 30, 2};
+    e.labels = {kIgnoreIndex, kIgnoreIndex, kIgnoreIndex, e.input_ids[3], 2};
+    e.prompt_length = 3;
+    out.push_back(e);
+  }
+  return out;
+}
+
+struct World {
+  std::unique_ptr<LlamaModel> model;
+  std::unique_ptr<DataLoader> loader;
+  // meft
+  std::unique_ptr<server::ParamServer> server;
+  std::unique_ptr<rpc::RunningServer> running;
+  std::unique_ptr<ParamClient> client;
+  std::unique_ptr<MeftAdapter> meft;
+  // baselines
+  std::unique_ptr<ParallelAdapter> parallel;
+  std::unique_ptr<LoraAdapter> lora;
+  TrainTarget target;
+};
+
+std::unique_ptr<World> MakeWorld(const std::string& adapter,
+                                 const std::string& server_ckpt_dir = "") {
+  auto w = std::make_unique<World>();
+  auto model =
+      LlamaModel::Load(MEFT_GOLDEN_DIR "/plain-torch/llama_tiny", torch::kCPU, torch::kFloat32);
+  EXPECT_TRUE(model.ok()) << model.status();
+  w->model = *std::move(model);
+  auto loader =
+      DataLoader::Create(TinyDataset(12), 0, {.micro_batch_size = 4, .shuffle = true, .seed = 3});
+  EXPECT_TRUE(loader.ok()) << loader.status();
+  w->loader = *std::move(loader);
+  w->target.adapter = adapter;
+  const int64_t d = w->model->config().hidden_size;
+  if (adapter == "meft") {
+    server::ServerOptions o;
+    o.layers = {0, 1};
+    o.rows = 256;
+    o.dim = d;
+    o.selector.top_k = 16;
+    o.selector.n_probe = 4;
+    o.checkpoint_dir = server_ckpt_dir;
+    w->server = *server::ParamServer::Create(o, nullptr);
+    w->running = *rpc::StartServer({.listen = "127.0.0.1:0"}, w->server.get(), nullptr);
+    GrpcClientOptions co;
+    co.address = "127.0.0.1:" + std::to_string(w->running->port());
+    w->client = *CreateGrpcParamClient(co);
+    w->meft = std::make_unique<MeftAdapter>(w->client.get(), *w->client->Describe(),
+                                            MeftAdapterOptions{});
+    w->target.hooks = w->meft.get();
+    w->target.meft = w->meft.get();
+    w->target.server = w->client.get();
+  } else if (adapter == "parallel") {
+    w->parallel =
+        *ParallelAdapter::Create({.rows = 64, .layers = {0, 1}, .seed = 4}, d, torch::kCPU);
+    w->target.hooks = w->parallel.get();
+    w->target.local = w->parallel->named_parameters();
+  } else {
+    const auto& c = w->model->config();
+    const int64_t kv = c.num_key_value_heads * c.head_dim;
+    w->lora = *LoraAdapter::Create(
+        {.rank = 4, .layers = {0, 1}},
+        {{"q_proj", {d, c.num_attention_heads * c.head_dim}}, {"v_proj", {d, kv}}}, torch::kCPU);
+    w->target.hooks = w->lora.get();
+    w->target.local = w->lora->named_parameters();
+  }
+  return w;
+}
+
+class TrainLossTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(TrainLossTest, LossGoesDown) {
+  auto w = MakeWorld(GetParam());
+  TrainerOptions o;
+  o.max_steps = 24;
+  o.lr = GetParam() == "lora" ? 3e-2 : 1e-2;
+  o.warmup_ratio = 0.0;
+  o.progress = false;
+  auto trainer = Trainer::Create(w->model.get(), w->target, w->loader.get(), o);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  auto history = (*trainer)->Run();
+  ASSERT_TRUE(history.ok()) << history.status();
+  ASSERT_EQ(history->size(), 24u);
+  double first = 0, last = 0;
+  for (int i = 0; i < 3; ++i) first += (*history)[i].loss;
+  for (int i = 21; i < 24; ++i) last += (*history)[i].loss;
+  EXPECT_LT(last, 0.7 * first) << "first " << first / 3 << " last " << last / 3;
+  for (const auto& s : *history) EXPECT_TRUE(std::isfinite(s.grad_norm));
+}
+
+INSTANTIATE_TEST_SUITE_P(Adapters, TrainLossTest, ::testing::Values("meft", "parallel", "lora"));
+
+class ResumeTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    root_ = fs::path(::testing::TempDir()) /
+            ("meft_resume_" + std::to_string(::getpid()) + "_" + GetParam());
+    fs::remove_all(root_);
+    fs::create_directories(root_);
+  }
+  void TearDown() override { fs::remove_all(root_); }
+  fs::path root_;
+};
+
+TEST_P(ResumeTest, ContinuesBitIdentically) {
+  const std::string adapter = GetParam();
+  TrainerOptions o;
+  o.max_steps = 6;
+  o.lr = 1e-2;
+  o.warmup_ratio = 0.2;
+  o.grad_accum = 2;
+  o.progress = false;
+  o.save_every = 3;
+  // Straight through, saving checkpoint-3 on the way.
+  auto a = MakeWorld(adapter, (root_ / "server").string());
+  o.output_dir = (root_ / "a").string();
+  auto ta = *Trainer::Create(a->model.get(), a->target, a->loader.get(), o);
+  ASSERT_TRUE(ta->Run().ok());
+  ASSERT_TRUE(fs::exists(root_ / "a" / "checkpoint-3" / "trainer_state.json"));
+
+  // A fresh world resumed from checkpoint-3.
+  auto b = MakeWorld(adapter, (root_ / "server").string());
+  o.output_dir = (root_ / "b").string();
+  auto tb = *Trainer::Create(b->model.get(), b->target, b->loader.get(), o);
+  ASSERT_TRUE(tb->Resume((root_ / "a" / "checkpoint-3").string()).ok());
+  EXPECT_EQ(tb->step(), 3);
+  ASSERT_TRUE(tb->Run().ok());
+
+  if (adapter == "meft") {
+    EXPECT_EQ(a->server->StateDigest(), b->server->StateDigest());
+  } else {
+    for (size_t i = 0; i < a->target.local.size(); ++i) {
+      EXPECT_TRUE(torch::equal(a->target.local[i].second, b->target.local[i].second))
+          << a->target.local[i].first;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Adapters, ResumeTest, ::testing::Values("meft", "parallel", "lora"));
+
+TEST(TrainerErrorTest, MismatchedServerStepAndBadCheckpointAreClearErrors) {
+  auto w = MakeWorld("meft");
+  TrainerOptions o;
+  o.max_steps = 2;
+  o.progress = false;
+  auto t = *Trainer::Create(w->model.get(), w->target, w->loader.get(), o);
+  // The server moves on behind the trainer's back.
+  ASSERT_TRUE(w->client->Step(0, 0.0, 1.0).ok());
+  auto r = t->Run();
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(r.status().message(), HasSubstr("optimizer step 1"));
+
+  const fs::path dir =
+      fs::path(::testing::TempDir()) / ("meft_badckpt_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  std::ofstream(dir / "trainer_state.json") << "{\"global_step\": -1}";
+  auto s = t->Resume(dir.string());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("trainer_state.json"));
+  EXPECT_THAT(s.message(), HasSubstr("global_step"));
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace meft::worker
