@@ -253,6 +253,52 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
   return final_dir;
 }
 
+absl::Status LoadAdapterCheckpoint(const std::string& dir, const TrainTarget& target) {
+  const std::string state_path = absl::StrCat(dir, "/trainer_state.json");
+  MEFT_ASSIGN_OR_RETURN(const std::string text, io::ReadFile(state_path));
+  const json state = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (state.is_discarded() || !state.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(state_path, ": not a JSON object"));
+  }
+  if (!state.contains("adapter") || state["adapter"] != target.adapter) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        state_path, ": field \"adapter\" is ", state.value("adapter", json("missing")).dump(),
+        " but this run uses ", target.adapter));
+  }
+  if (target.adapter == "meft") {
+    if (!state.contains("server_checkpoint") || !state["server_checkpoint"].is_string()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(state_path, ": field \"server_checkpoint\" is missing"));
+    }
+    return target.server->RestoreCheckpoint(state["server_checkpoint"].get<std::string>());
+  }
+  const std::string model_path = absl::StrCat(dir, "/adapter_model.safetensors");
+  MEFT_ASSIGN_OR_RETURN(auto params, ReadTensors(model_path));
+  try {
+    torch::NoGradGuard no_grad;
+    for (const auto& [name, p] : target.local) {
+      bool found = false;
+      for (const auto& [n, t] : params) {
+        if (n != name) continue;
+        if (t.sizes() != p.sizes()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(model_path, ": tensor \"", name, "\" has the wrong shape"));
+        }
+        p.copy_(t);
+        found = true;
+      }
+      if (!found) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(model_path, ": tensor \"", name, "\" is missing"));
+      }
+    }
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("loading ", model_path, ": ", e.what_without_backtrace()));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Trainer::Resume(const std::string& dir) {
   const std::string state_path = absl::StrCat(dir, "/trainer_state.json");
   MEFT_ASSIGN_OR_RETURN(const std::string text, io::ReadFile(state_path));
@@ -266,44 +312,10 @@ absl::Status Trainer::Resume(const std::string& dir) {
           absl::StrCat(state_path, ": field \"", key, "\" is missing or not a count"));
     }
   }
-  if (!state.contains("adapter") || state["adapter"] != target_.adapter) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        state_path, ": field \"adapter\" is ", state.value("adapter", json("missing")).dump(),
-        " but this run trains ", target_.adapter));
-  }
   const int64_t step = state["global_step"].get<int64_t>();
-  if (target_.adapter == "meft") {
-    if (!state.contains("server_checkpoint") || !state["server_checkpoint"].is_string()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(state_path, ": field \"server_checkpoint\" is missing"));
-    }
-    MEFT_RETURN_IF_ERROR(
-        target_.server->RestoreCheckpoint(state["server_checkpoint"].get<std::string>()));
-  } else {
-    MEFT_ASSIGN_OR_RETURN(auto params,
-                          ReadTensors(absl::StrCat(dir, "/adapter_model.safetensors")));
+  MEFT_RETURN_IF_ERROR(LoadAdapterCheckpoint(dir, target_));
+  if (adamw_ != nullptr) {
     MEFT_ASSIGN_OR_RETURN(auto opt, ReadTensors(absl::StrCat(dir, "/optimizer.safetensors")));
-    try {
-      torch::NoGradGuard no_grad;
-      for (auto& [name, p] : target_.local) {
-        bool found = false;
-        for (const auto& [n, t] : params) {
-          if (n != name) continue;
-          if (t.sizes() != p.sizes()) {
-            return absl::InvalidArgumentError(absl::StrCat(
-                dir, "/adapter_model.safetensors: tensor \"", name, "\" has the wrong shape"));
-          }
-          p.copy_(t);
-          found = true;
-        }
-        if (!found) {
-          return absl::InvalidArgumentError(
-              absl::StrCat(dir, "/adapter_model.safetensors: tensor \"", name, "\" is missing"));
-        }
-      }
-    } catch (const c10::Error& e) {
-      return absl::InternalError(absl::StrCat("resume: ", e.what_without_backtrace()));
-    }
     if (!adamw_->Restore(opt, state.value("optimizer_step", int64_t{0}))) {
       return absl::InvalidArgumentError(
           absl::StrCat(dir, "/optimizer.safetensors: state does not match the parameters"));

@@ -89,6 +89,11 @@ class Trainer {
   int64_t step_ = 0;
 };
 
+// Loads the adapter of a checkpoint-<step>/ folder written by Trainer::SaveCheckpoint into
+// `target`: the baselines' parameters are copied in; for MEFT the server restores the server
+// checkpoint recorded there. Errors name the file and tensor.
+absl::Status LoadAdapterCheckpoint(const std::string& checkpoint_dir, const TrainTarget& target);
+
 // Mean cross-entropy of next-token prediction over labelled positions (labels != -100); the
 // logits at position t predict the label at t + 1. Returns the mean and the number of labels.
 std::pair<torch::Tensor, int64_t> CausalLmLoss(const torch::Tensor& logits,
