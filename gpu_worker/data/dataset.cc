@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/io/file_util.h"
+#include "common/random.h"
 #include "common/status.h"
 #include "spdlog/spdlog.h"
 
@@ -383,33 +384,7 @@ absl::StatusOr<Batch> CollateLeftPadded(const std::vector<std::vector<int64_t>>&
   return batch;
 }
 
-namespace {
-
-// SplitMix64 (Steele, Lea, Flood 2014): a tiny generator with a fixed, documented output.
-class SplitMix64 {
- public:
-  explicit SplitMix64(uint64_t state) : state_(state) {}
-  uint64_t Next() {
-    uint64_t z = (state_ += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-  }
-  // Uniform in [0, bound), bound >= 1, without modulo bias: draws below 2^64 mod bound are
-  // rejected.
-  uint64_t Below(uint64_t bound) {
-    const uint64_t threshold = (0 - bound) % bound;
-    while (true) {
-      const uint64_t r = Next();
-      if (r >= threshold) return r % bound;
-    }
-  }
-
- private:
-  uint64_t state_;
-};
-
-}  // namespace
+namespace {}  // namespace
 
 std::vector<int64_t> EpochOrder(int64_t n, uint64_t seed, int64_t epoch, bool shuffle) {
   std::vector<int64_t> order(static_cast<size_t>(std::max<int64_t>(n, 0)));

@@ -17,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/io/file_util.h"
+#include "common/random.h"
 #include "common/safetensors/safetensors.h"
 #include "common/status.h"
 #include "gpu_worker/data/dataset.h"
@@ -91,32 +92,6 @@ constexpr std::array<Kind, 8> kKinds = {{
       "Count the provinces of {entity}."}},
 }};
 constexpr int64_t kNumKinds = static_cast<int64_t>(kKinds.size());
-
-// SplitMix64 (Steele, Lea, Flood 2014): fixed, documented output on every platform, unlike the
-// std distributions.
-class SplitMix64 {
- public:
-  explicit SplitMix64(uint64_t state) : state_(state) {}
-  uint64_t Next() {
-    uint64_t z = (state_ += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-  }
-  // Uniform in [0, bound), bound >= 1, without modulo bias.
-  uint64_t Below(uint64_t bound) {
-    const uint64_t threshold = (0 - bound) % bound;
-    while (true) {
-      const uint64_t r = Next();
-      if (r >= threshold) return r % bound;
-    }
-  }
-  // Uniform in [0, 1) with 53 random bits.
-  double Uniform() { return static_cast<double>(Next() >> 11) * 0x1.0p-53; }
-
- private:
-  uint64_t state_;
-};
 
 // An independent stream for one purpose, so that e.g. the model sizes do not change the data.
 SplitMix64 Stream(uint64_t seed, uint64_t purpose) {

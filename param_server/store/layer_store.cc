@@ -4,34 +4,22 @@
 #include <cstdlib>
 
 #include "absl/strings/str_cat.h"
+#include "common/random.h"
 #include "tbb/blocked_range.h"
 #include "tbb/parallel_for.h"
 
 namespace meft::store {
 namespace {
 
-// SplitMix64: a small, well-mixed generator; the same stream on every platform.
-struct SplitMix64 {
-  uint64_t state;
-  uint64_t Next() {
-    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  // Uniform in (0, 1].
-  double Uniform() { return (static_cast<double>(Next() >> 11) + 1.0) * 0x1.0p-53; }
-};
-
 // Fills `out` with N(0, std) by Box-Muller from a stream keyed by (seed, layer, tensor, row).
 void FillNormalRow(uint64_t seed, uint32_t layer, uint32_t tensor, int64_t row, float std,
                    std::span<float> out) {
-  SplitMix64 rng{seed ^ (uint64_t{layer} << 48) ^ (uint64_t{tensor} << 40) ^
-                 static_cast<uint64_t>(row) * 0x632be59bd9b4e019ull};
+  SplitMix64 rng(seed ^ (uint64_t{layer} << 48) ^ (uint64_t{tensor} << 40) ^
+                 static_cast<uint64_t>(row) * 0x632be59bd9b4e019ull);
   rng.Next();
   for (size_t i = 0; i < out.size(); i += 2) {
-    const double u1 = rng.Uniform();
-    const double u2 = rng.Uniform();
+    const double u1 = rng.UniformPositive();
+    const double u2 = rng.UniformPositive();
     const double radius = std::sqrt(-2.0 * std::log(u1));
     const double angle = 2.0 * M_PI * u2;
     out[i] = static_cast<float>(radius * std::cos(angle) * std);
