@@ -17,8 +17,12 @@ packages=(
   libtorch-dev libsentencepiece-dev
   # promtool validates our metrics exposition in the tests
   prometheus
+  # TLS tests generate certificates
+  openssl
   # an optimised BLAS for LibTorch's CPU matrix products (without it, the reference BLAS)
   libopenblas0-pthread
+  # libFuzzer targets (tests/fuzz/): clang with its sanitizer and libFuzzer runtimes
+  clang libclang-rt-14-dev
 )
 
 missing=()

@@ -123,7 +123,8 @@ absl::Status DecodeFloats(const WireTensor& tensor, absl::string_view field, boo
   out->resize(static_cast<size_t>(numel));
   const char* src = tensor.data.data();
   if (tensor.dtype == DType::kFp32) {
-    std::memcpy(out->data(), src, static_cast<size_t>(numel) * sizeof(float));
+    // memcpy's pointers must not be null even for zero bytes; an empty vector's data() may be.
+    if (numel > 0) std::memcpy(out->data(), src, static_cast<size_t>(numel) * sizeof(float));
   } else if (tensor.dtype == DType::kBf16) {
     for (int64_t i = 0; i < numel; ++i) {
       uint16_t v;
@@ -147,11 +148,13 @@ absl::Status DecodeFloats(const WireTensor& tensor, absl::string_view field, boo
 
 void DecodeInt32(const WireTensor& tensor, std::vector<int32_t>* out) {
   out->resize(static_cast<size_t>(NumElements(tensor)));
+  if (out->empty()) return;  // data() may be null, which memcpy does not allow
   std::memcpy(out->data(), tensor.data.data(), out->size() * sizeof(int32_t));
 }
 
 void EncodeFloats(std::span<const float> values, DType dtype, std::string* out) {
   const size_t start = out->size();
+  if (values.empty()) return;  // values.data() may be null, which memcpy does not allow
   if (dtype == DType::kFp32) {
     out->resize(start + values.size() * sizeof(float));
     std::memcpy(out->data() + start, values.data(), values.size() * sizeof(float));
@@ -187,6 +190,7 @@ void EncodeRows(const float* base, int64_t dim, std::span<const int32_t> row_ids
 
 void EncodeInt32(std::span<const int32_t> values, std::string* out) {
   const size_t start = out->size();
+  if (values.empty()) return;  // values.data() may be null, which memcpy does not allow
   out->resize(start + values.size() * sizeof(int32_t));
   std::memcpy(out->data() + start, values.data(), values.size() * sizeof(int32_t));
 }
