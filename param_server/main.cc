@@ -45,6 +45,10 @@ absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
   rpc_options.listen = config.listen;
   rpc_options.max_message_bytes = static_cast<int>(config.max_message_mb) << 20;
   rpc_options.insecure = config.insecure;
+  rpc_options.tls_cert_file = config.tls_cert;
+  rpc_options.tls_key_file = config.tls_key;
+  rpc_options.tls_client_ca_file = config.tls_client_ca;
+  rpc_options.token_file = config.auth_token_file;
   MEFT_RETURN_IF_ERROR(meft::rpc::CheckListenAddress(rpc_options));
   options.max_response_bytes = rpc_options.max_message_bytes;
 
@@ -86,10 +90,16 @@ absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
   }
 
   MEFT_ASSIGN_OR_RETURN(auto running, meft::rpc::StartServer(rpc_options, server.get(), &registry));
+  // Scripts and tests parse this line: keep "(port N)" and ", metrics on URL" as they are.
   spdlog::info("serving meft.v1.ParamServer on {} (port {}){}", config.listen, running->port(),
                exposer ? absl::StrCat(", metrics on http://",
                                       MetricsAddress(config.listen, exposer->port()), "/metrics")
                        : "");
+  spdlog::info("transport: {}{}",
+               config.tls_cert.empty()        ? "plaintext"
+               : config.tls_client_ca.empty() ? "TLS"
+                                              : "mutual TLS",
+               config.auth_token_file.empty() ? "" : ", bearer token required");
 
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);

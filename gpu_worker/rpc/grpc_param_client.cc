@@ -6,7 +6,10 @@
 
 #include <chrono>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "common/rpc/status_convert.h"
 #include "common/status.h"
@@ -77,14 +80,26 @@ void SetHeader(const StepHeader& h, v1::RequestHeader* out) {
   out->set_layer(h.layer);
 }
 
+absl::StatusOr<std::string> ReadWholeFile(const char* option, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat(option, ": cannot read ", path));
+  std::ostringstream content;
+  content << in.rdbuf();
+  if (in.bad()) return absl::InvalidArgumentError(absl::StrCat(option, ": cannot read ", path));
+  return content.str();
+}
+
 class GrpcParamClient final : public ParamClient {
  public:
-  explicit GrpcParamClient(const GrpcClientOptions& options) : options_(options) {
+  // `authorization` is the full metadata value ("Bearer <token>"), "" = none.
+  GrpcParamClient(const GrpcClientOptions& options,
+                  std::shared_ptr<grpc::ChannelCredentials> credentials, std::string authorization)
+      : options_(options), authorization_(std::move(authorization)) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(options.max_message_bytes);
     args.SetMaxSendMessageSize(options.max_message_bytes);
     stub_ = v1::ParamServer::NewStub(
-        grpc::CreateCustomChannel(options.address, grpc::InsecureChannelCredentials(), args));
+        grpc::CreateCustomChannel(options.address, std::move(credentials), args));
   }
 
   absl::StatusOr<LookupResult> Lookup(const StepHeader& header, const torch::Tensor& x,
@@ -200,6 +215,7 @@ class GrpcParamClient final : public ParamClient {
     context.set_deadline(
         std::chrono::system_clock::now() +
         std::chrono::milliseconds(static_cast<int64_t>(options_.deadline_seconds * 1000)));
+    if (!authorization_.empty()) context.AddMetadata("authorization", authorization_);
     const grpc::Status s = (stub_.get()->*fn)(&context, request, response);
     if (s.ok()) return absl::OkStatus();
     const absl::Status a = rpc::FromGrpcStatus(s);
@@ -208,6 +224,7 @@ class GrpcParamClient final : public ParamClient {
   }
 
   GrpcClientOptions options_;
+  const std::string authorization_;
   std::unique_ptr<v1::ParamServer::Stub> stub_;
 };
 
@@ -216,7 +233,36 @@ class GrpcParamClient final : public ParamClient {
 absl::StatusOr<std::unique_ptr<ParamClient>> CreateGrpcParamClient(
     const GrpcClientOptions& options) {
   if (options.address.empty()) return absl::InvalidArgumentError("server address: empty");
-  return std::unique_ptr<ParamClient>(new GrpcParamClient(options));
+  if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("client TLS: tls_cert_file and tls_key_file go together");
+  }
+  if (!options.tls_cert_file.empty() && options.tls_ca_file.empty()) {
+    return absl::InvalidArgumentError("client TLS: a client certificate needs tls_ca_file");
+  }
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (!options.tls_ca_file.empty()) {
+    grpc::SslCredentialsOptions ssl;
+    MEFT_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadWholeFile("tls_ca_file", options.tls_ca_file));
+    if (!options.tls_cert_file.empty()) {
+      MEFT_ASSIGN_OR_RETURN(ssl.pem_cert_chain,
+                            ReadWholeFile("tls_cert_file", options.tls_cert_file));
+      MEFT_ASSIGN_OR_RETURN(ssl.pem_private_key,
+                            ReadWholeFile("tls_key_file", options.tls_key_file));
+    }
+    credentials = grpc::SslCredentials(ssl);
+  }
+  std::string authorization;
+  if (!options.token_file.empty()) {
+    MEFT_ASSIGN_OR_RETURN(std::string content, ReadWholeFile("token_file", options.token_file));
+    const std::string token(absl::StripAsciiWhitespace(content));
+    if (token.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token_file: ", options.token_file, " holds no token"));
+    }
+    authorization = absl::StrCat("Bearer ", token);
+  }
+  return std::unique_ptr<ParamClient>(
+      new GrpcParamClient(options, std::move(credentials), std::move(authorization)));
 }
 
 }  // namespace meft::worker

@@ -16,9 +16,19 @@ struct GrpcClientOptions {
   double deadline_seconds = 600.0;  // per call
   bool bf16_rows = true;            // ask for bf16 key/value/router rows (else fp32)
   bool bf16_grads = false;          // send key/value gradients as bf16 (else fp32)
+  // TLS: PEM paths. tls_ca_file set = TLS, verifying the server against that CA; tls_cert_file
+  // and tls_key_file (both or neither, only with tls_ca_file) = client certificate for mutual
+  // TLS. "" = plaintext.
+  std::string tls_ca_file;
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  // File holding the bearer token (surrounding whitespace ignored), sent on every call as
+  // `authorization: Bearer <token>`. "" = none.
+  std::string token_file;
 };
 
-// Connects lazily; every call returns the server's status with the method named.
+// Reads the TLS and token files once (errors name the option and file) and connects lazily;
+// every call returns the server's status with the method named.
 absl::StatusOr<std::unique_ptr<ParamClient>> CreateGrpcParamClient(
     const GrpcClientOptions& options);
 

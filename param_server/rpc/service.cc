@@ -6,11 +6,18 @@
 #include <grpcpp/server_builder.h>
 #include <netinet/in.h>
 
+#include <algorithm>
 #include <chrono>
 #include <exception>
+#include <fstream>
 #include <map>
+#include <sstream>
+#include <string_view>
+#include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/rpc/status_convert.h"
 #include "common/status.h"
 #include "meft/v1/param_server.grpc.pb.h"
@@ -30,6 +37,26 @@ std::string HostOf(const std::string& listen) {
   return colon == std::string::npos ? listen : listen.substr(0, colon);
 }
 
+// The whole of `path`; `key` (the setting that named it) and the path appear in errors.
+absl::StatusOr<std::string> ReadSecretFile(const char* key, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat(key, ": cannot read ", path));
+  std::ostringstream content;
+  content << in.rdbuf();
+  if (in.bad()) return absl::InvalidArgumentError(absl::StrCat(key, ": cannot read ", path));
+  return content.str();
+}
+
+// Equal contents, in time that depends on `expected`'s length only (not on where `got` differs).
+bool ConstantTimeEquals(std::string_view expected, std::string_view got) {
+  unsigned char diff = expected.size() == got.size() ? 0 : 1;
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const unsigned char g = i < got.size() ? static_cast<unsigned char>(got[i]) : 0;
+    diff |= static_cast<unsigned char>(static_cast<unsigned char>(expected[i]) ^ g);
+  }
+  return diff == 0;
+}
+
 }  // namespace
 
 bool IsLoopback(const std::string& listen) {
@@ -43,17 +70,32 @@ bool IsLoopback(const std::string& listen) {
 }
 
 absl::Status CheckListenAddress(const RpcOptions& options) {
+  const bool has_cert = !options.tls_cert_file.empty();
+  const bool has_key = !options.tls_key_file.empty();
+  if (has_cert != has_key) {
+    return absl::InvalidArgumentError(has_cert ? "tls.key: needed with tls.cert"
+                                               : "tls.cert: needed with tls.key");
+  }
+  if (!options.tls_client_ca_file.empty() && !has_cert) {
+    return absl::InvalidArgumentError("tls.client_ca: needs tls.cert and tls.key");
+  }
   if (IsLoopback(options.listen) || options.insecure) return absl::OkStatus();
-  return absl::InvalidArgumentError(
-      absl::StrCat("listen: ", options.listen,
-                   " is not a loopback address; TLS with a token is not implemented yet, so a "
-                   "non-loopback listener needs --insecure (trusted networks only)"));
+  std::vector<std::string> missing;
+  if (!has_cert) missing.push_back("TLS (tls.cert and tls.key)");
+  if (options.token_file.empty()) missing.push_back("a token (auth.token_file)");
+  if (missing.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "listen: ", options.listen, " is not a loopback address and ",
+      absl::StrJoin(missing, " and "),
+      " is not set; a non-loopback listener needs TLS and a token, or --insecure (trusted "
+      "networks only)"));
 }
 
 class RunningServer::Service final : public v1::ParamServer::Service {
  public:
-  Service(server::ParamServer* domain, metrics::Registry* registry)
-      : domain_(domain), registry_(registry) {
+  // `token` empty = calls need no authorization metadata.
+  Service(server::ParamServer* domain, metrics::Registry* registry, std::string token)
+      : domain_(domain), registry_(registry), token_(std::move(token)) {
     if (registry_ != nullptr) {
       bytes_in_ = &registry_->AddCounter("meft_ps_bytes_received_total",
                                          "Serialized request bytes received");
@@ -64,7 +106,7 @@ class RunningServer::Service final : public v1::ParamServer::Service {
 
   grpc::Status Lookup(grpc::ServerContext* context, const v1::LookupRequest* request,
                       v1::LookupResponse* response) override {
-    return Handle("Lookup", *request, response, [&]() -> absl::Status {
+    return Handle(context, "Lookup", *request, response, [&]() -> absl::Status {
       MEFT_ASSIGN_OR_RETURN(server::LookupCall call, FromProto(*request));
       call.is_cancelled = [context] { return context->IsCancelled(); };
       MEFT_ASSIGN_OR_RETURN(server::LookupReply reply, domain_->Lookup(call));
@@ -73,9 +115,9 @@ class RunningServer::Service final : public v1::ParamServer::Service {
     });
   }
 
-  grpc::Status Gradients(grpc::ServerContext*, const v1::GradientsRequest* request,
+  grpc::Status Gradients(grpc::ServerContext* context, const v1::GradientsRequest* request,
                          v1::GradientsResponse* response) override {
-    return Handle("Gradients", *request, response, [&]() -> absl::Status {
+    return Handle(context, "Gradients", *request, response, [&]() -> absl::Status {
       MEFT_ASSIGN_OR_RETURN(server::GradientsCall call, FromProto(*request));
       MEFT_ASSIGN_OR_RETURN(server::GradientsReply reply, domain_->Gradients(call));
       ToProto(reply, response);
@@ -83,9 +125,9 @@ class RunningServer::Service final : public v1::ParamServer::Service {
     });
   }
 
-  grpc::Status GradNorm(grpc::ServerContext*, const v1::GradNormRequest* request,
+  grpc::Status GradNorm(grpc::ServerContext* context, const v1::GradNormRequest* request,
                         v1::GradNormResponse* response) override {
-    return Handle("GradNorm", *request, response, [&]() -> absl::Status {
+    return Handle(context, "GradNorm", *request, response, [&]() -> absl::Status {
       std::vector<uint32_t> layers(request->layers().begin(), request->layers().end());
       MEFT_ASSIGN_OR_RETURN(server::GradNormReply reply,
                             domain_->GradNorm(request->step(), layers));
@@ -94,18 +136,19 @@ class RunningServer::Service final : public v1::ParamServer::Service {
     });
   }
 
-  grpc::Status Step(grpc::ServerContext*, const v1::StepRequest* request,
+  grpc::Status Step(grpc::ServerContext* context, const v1::StepRequest* request,
                     v1::StepResponse* response) override {
-    return Handle("Step", *request, response, [&]() -> absl::Status {
+    return Handle(context, "Step", *request, response, [&]() -> absl::Status {
       MEFT_ASSIGN_OR_RETURN(server::StepReply reply, domain_->Step(FromProto(*request)));
       ToProto(reply, response);
       return absl::OkStatus();
     });
   }
 
-  grpc::Status SaveCheckpoint(grpc::ServerContext*, const v1::SaveCheckpointRequest* request,
+  grpc::Status SaveCheckpoint(grpc::ServerContext* context,
+                              const v1::SaveCheckpointRequest* request,
                               v1::SaveCheckpointResponse* response) override {
-    return Handle("SaveCheckpoint", *request, response, [&]() -> absl::Status {
+    return Handle(context, "SaveCheckpoint", *request, response, [&]() -> absl::Status {
       MEFT_ASSIGN_OR_RETURN(server::CheckpointReply reply,
                             domain_->SaveCheckpoint(request->directory()));
       response->set_path(reply.path);
@@ -115,9 +158,10 @@ class RunningServer::Service final : public v1::ParamServer::Service {
     });
   }
 
-  grpc::Status RestoreCheckpoint(grpc::ServerContext*, const v1::RestoreCheckpointRequest* request,
+  grpc::Status RestoreCheckpoint(grpc::ServerContext* context,
+                                 const v1::RestoreCheckpointRequest* request,
                                  v1::RestoreCheckpointResponse* response) override {
-    return Handle("RestoreCheckpoint", *request, response, [&]() -> absl::Status {
+    return Handle(context, "RestoreCheckpoint", *request, response, [&]() -> absl::Status {
       MEFT_ASSIGN_OR_RETURN(server::CheckpointReply reply,
                             domain_->RestoreCheckpoint(request->path()));
       response->set_path(reply.path);
@@ -126,24 +170,46 @@ class RunningServer::Service final : public v1::ParamServer::Service {
     });
   }
 
-  grpc::Status ServerInfo(grpc::ServerContext*, const v1::ServerInfoRequest* request,
+  grpc::Status ServerInfo(grpc::ServerContext* context, const v1::ServerInfoRequest* request,
                           v1::ServerInfoResponse* response) override {
-    return Handle("ServerInfo", *request, response, [&]() -> absl::Status {
+    return Handle(context, "ServerInfo", *request, response, [&]() -> absl::Status {
       ToProto(domain_->Info(), response);
       return absl::OkStatus();
     });
   }
 
  private:
-  // Runs `body`, turns any escaping exception into INTERNAL (none is expected: domain code
-  // returns statuses), and records bytes and the outcome.
+  // UNAUTHENTICATED unless the call carries `authorization: Bearer <token_>` (or no token is
+  // configured). The message never echoes what the client sent.
+  absl::Status Authorize(const grpc::ServerContext& context) const {
+    if (token_.empty()) return absl::OkStatus();
+    const auto& metadata = context.client_metadata();
+    const auto found = metadata.find("authorization");
+    if (found == metadata.end()) {
+      return absl::UnauthenticatedError(
+          "missing authorization metadata; send \"authorization: Bearer <token>\"");
+    }
+    constexpr std::string_view kScheme = "Bearer ";
+    const std::string_view value(found->second.data(), found->second.size());
+    if (value.substr(0, kScheme.size()) != kScheme ||
+        !ConstantTimeEquals(token_, value.substr(std::min(value.size(), kScheme.size())))) {
+      return absl::UnauthenticatedError("invalid bearer token");
+    }
+    return absl::OkStatus();
+  }
+
+  // Checks the token, runs `body`, turns any escaping exception into INTERNAL (none is
+  // expected: domain code returns statuses), and records bytes and the outcome.
   template <typename Request, typename Response, typename Body>
-  grpc::Status Handle(const char* method, const Request& request, Response* response, Body body) {
-    absl::Status status;
-    try {
-      status = body();
-    } catch (const std::exception& e) {
-      status = absl::InternalError(absl::StrCat(method, ": ", e.what()));
+  grpc::Status Handle(const grpc::ServerContext* context, const char* method,
+                      const Request& request, Response* response, Body body) {
+    absl::Status status = Authorize(*context);
+    if (status.ok()) {
+      try {
+        status = body();
+      } catch (const std::exception& e) {
+        status = absl::InternalError(absl::StrCat(method, ": ", e.what()));
+      }
     }
     if (!status.ok()) response->Clear();
     if (registry_ != nullptr) {
@@ -159,6 +225,7 @@ class RunningServer::Service final : public v1::ParamServer::Service {
 
   server::ParamServer* domain_;
   metrics::Registry* registry_;
+  const std::string token_;  // "" = no authorization required
   metrics::Counter* bytes_in_ = nullptr;
   metrics::Counter* bytes_out_ = nullptr;
 };
@@ -183,17 +250,43 @@ absl::StatusOr<std::unique_ptr<RunningServer>> StartServer(const RpcOptions& opt
                                                            server::ParamServer* domain,
                                                            metrics::Registry* registry) {
   MEFT_RETURN_IF_ERROR(CheckListenAddress(options));
+  std::string token;
+  if (!options.token_file.empty()) {
+    MEFT_ASSIGN_OR_RETURN(std::string content,
+                          ReadSecretFile("auth.token_file", options.token_file));
+    token = std::string(absl::StripAsciiWhitespace(content));
+    if (token.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("auth.token_file: ", options.token_file, " holds no token"));
+    }
+  }
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  if (!options.tls_cert_file.empty()) {
+    grpc::SslServerCredentialsOptions ssl(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+    MEFT_ASSIGN_OR_RETURN(pair.private_key, ReadSecretFile("tls.key", options.tls_key_file));
+    MEFT_ASSIGN_OR_RETURN(pair.cert_chain, ReadSecretFile("tls.cert", options.tls_cert_file));
+    ssl.pem_key_cert_pairs.push_back(std::move(pair));
+    if (!options.tls_client_ca_file.empty()) {
+      MEFT_ASSIGN_OR_RETURN(ssl.pem_root_certs,
+                            ReadSecretFile("tls.client_ca", options.tls_client_ca_file));
+      ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+    }
+    credentials = grpc::SslServerCredentials(ssl);
+  }
   grpc::EnableDefaultHealthCheckService(true);
   std::unique_ptr<RunningServer> running(new RunningServer());
-  running->service_ = std::make_unique<RunningServer::Service>(domain, registry);
+  running->service_ = std::make_unique<RunningServer::Service>(domain, registry, std::move(token));
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &running->port_);
+  builder.AddListeningPort(options.listen, credentials, &running->port_);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   builder.RegisterService(running->service_.get());
   running->server_ = builder.BuildAndStart();
   if (!running->server_ || running->port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("listen: cannot bind ", options.listen));
+    return absl::UnavailableError(absl::StrCat(
+        "listen: cannot bind ", options.listen,
+        options.tls_cert_file.empty() ? "" : " (or tls.cert/tls.key are not valid PEM)"));
   }
   grpc::HealthCheckServiceInterface* health = running->server_->GetHealthCheckService();
   if (health != nullptr) {

@@ -1,7 +1,8 @@
 #pragma once
 
 // The gRPC face of the parameter server: the meft.v1.ParamServer service plus the standard
-// grpc.health.v1 health service, on an address that must be loopback unless insecure is set.
+// grpc.health.v1 health service, on an address that must be loopback unless TLS and a token are
+// configured or insecure is set.
 
 #include <grpcpp/server.h>
 
@@ -17,13 +18,24 @@ namespace meft::rpc {
 struct RpcOptions {
   std::string listen = "127.0.0.1:50051";  // HOST:PORT; port 0 picks a free port
   int max_message_bytes = 1024 << 20;      // larger messages get RESOURCE_EXHAUSTED
-  bool insecure = false;                   // allow a non-loopback listener without TLS
+  bool insecure = false;                   // allow a non-loopback listener without TLS/token
+  // TLS: PEM files. With cert and key set the listener speaks TLS only; with client_ca also set,
+  // clients must present a certificate signed by that CA (mutual TLS). "" = not set.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
+  // File holding the bearer token (surrounding whitespace ignored). When set, every
+  // meft.v1.ParamServer call must carry the metadata `authorization: Bearer <token>` or gets
+  // UNAUTHENTICATED; the grpc.health.v1 service stays open. "" = no token.
+  std::string token_file;
 };
 
 // True for 127.0.0.0/8, ::1 and "localhost" hosts.
 bool IsLoopback(const std::string& listen);
 
-// INVALID_ARGUMENT naming `listen` when it is not loopback and `insecure` is not set.
+// OK for a loopback listener, for a non-loopback one with TLS (cert and key) and a token, or
+// with `insecure`. Otherwise INVALID_ARGUMENT naming `listen` and each missing setting. Also
+// rejects half a TLS configuration (a cert without a key, a client CA without both).
 absl::Status CheckListenAddress(const RpcOptions& options);
 
 class RunningServer {
@@ -47,7 +59,8 @@ class RunningServer {
 };
 
 // Starts serving `domain` (which must outlive the returned server); health reports SERVING for
-// "" and "meft.v1.ParamServer". `registry` may be null.
+// "" and "meft.v1.ParamServer". `registry` may be null. Reads the TLS and token files named in
+// `options` once, here; errors name the file.
 absl::StatusOr<std::unique_ptr<RunningServer>> StartServer(const RpcOptions& options,
                                                            server::ParamServer* domain,
                                                            metrics::Registry* registry);

@@ -6,8 +6,8 @@ namespace meft::server {
 
 void RegisterFields(ServerConfig* c, config::FieldSet* f) {
   f->Add("listen", &c->listen,
-         "gRPC address HOST:PORT; loopback by default (a non-loopback address needs --insecure "
-         "until TLS lands)");
+         "gRPC address HOST:PORT; loopback by default (a non-loopback address needs tls.cert, "
+         "tls.key and auth.token_file, or --insecure)");
   f->Add("metrics", &c->metrics, "serve Prometheus metrics on metrics_port");
   f->Add("metrics_port", &c->metrics_port,
          "port of the Prometheus /metrics endpoint, on the listen host; 0 = any free port");
@@ -20,6 +20,14 @@ void RegisterFields(ServerConfig* c, config::FieldSet* f) {
   f->SetRange("max_message_mb", 1, 2047);
   f->Add("insecure", &c->insecure,
          "allow a non-loopback listener without TLS and token (trusted networks only)");
+  f->Add("tls.cert", &c->tls_cert,
+         "PEM certificate chain of the server; set with tls.key to serve TLS");
+  f->Add("tls.key", &c->tls_key, "PEM private key of tls.cert");
+  f->Add("tls.client_ca", &c->tls_client_ca,
+         "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)");
+  f->Add("auth.token_file", &c->auth_token_file,
+         "file holding the bearer token every call must send as \"authorization: Bearer "
+         "<token>\" (health checks excepted); \"\" = no token");
   f->Add("restore", &c->restore,
          "checkpoint to load at start: a checkpoint-<step> folder, a folder holding them (newest "
          "wins), or \"latest\" for the newest under checkpoint_dir; \"\" = fresh init");

@@ -23,6 +23,10 @@ struct ServerConfig {
   uint32_t threads = 0;
   uint32_t max_message_mb = 1024;
   bool insecure = false;
+  std::string tls_cert;  // PEM paths; "" = plaintext
+  std::string tls_key;
+  std::string tls_client_ca;    // "" = no client certificate asked
+  std::string auth_token_file;  // "" = calls need no token
   std::string restore;
   // Adapter and selection.
   std::vector<uint32_t> layers = {0, 1};
