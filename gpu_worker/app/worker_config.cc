@@ -55,6 +55,13 @@ void RegisterWorkerFields(WorkerConfig* c, config::FieldSet* f) {
   f->Add("meft.bf16_rows", &c->bf16_rows, "receive rows as bf16 (else fp32)");
   f->Add("meft.timeout_seconds", &c->server_timeout_seconds, "deadline of one call to the server");
   f->SetRange("meft.timeout_seconds", 0.001, 86400);
+  f->Add("meft.tls_ca", &c->tls_ca,
+         "PEM CA that signed the server's certificate; set = TLS to the server, \"\" = plaintext");
+  f->Add("meft.tls_cert", &c->tls_cert,
+         "PEM client certificate for mutual TLS (with meft.tls_key)");
+  f->Add("meft.tls_key", &c->tls_key, "PEM private key of meft.tls_cert");
+  f->Add("meft.token_file", &c->token_file,
+         "file holding the server's bearer token (never the token itself on the command line)");
   f->Add("train.max_steps", &c->max_steps, "optimizer steps");
   f->SetRange("train.max_steps", 1, 1e12);
   f->Add("train.micro_batch_size", &c->micro_batch_size, "examples per micro-batch");
@@ -159,12 +166,20 @@ absl::StatusOr<std::unique_ptr<WorkerSession>> OpenSession(const WorkerConfig& c
     co.address = c.server;
     co.bf16_rows = c.bf16_rows;
     co.deadline_seconds = c.server_timeout_seconds;
+    co.tls_ca_file = c.tls_ca;
+    co.tls_cert_file = c.tls_cert;
+    co.tls_key_file = c.tls_key;
+    co.token_file = c.token_file;
     MEFT_ASSIGN_OR_RETURN(s->client, CreateGrpcParamClient(co));
     auto described = s->client->Describe();
-    if (!described.ok()) {
+    if (absl::IsUnavailable(described.status()) || absl::IsDeadlineExceeded(described.status())) {
       return absl::UnavailableError(
           absl::StrCat("meft.server: cannot reach the parameter server at ", c.server,
                        " (start meft-param-server first): ", described.status().message()));
+    }
+    if (!described.ok()) {
+      return absl::Status(described.status().code(),
+                          absl::StrCat("meft.server: ", described.status().message()));
     }
     ServerDescription server = *described;
     if (server.dim != d) {

@@ -49,6 +49,10 @@ struct WorkerConfig {
   bool refetch_in_backward = false;
   bool bf16_rows = true;
   double server_timeout_seconds = 600;
+  std::string tls_ca;      // PEM CA that signed the server's certificate; "" = plaintext
+  std::string tls_cert;    // PEM client certificate for mutual TLS; "" = none
+  std::string tls_key;     // its private key
+  std::string token_file;  // file holding the server's bearer token; "" = none
   // training
   int64_t max_steps = 1500;
   int64_t micro_batch_size = 16;
