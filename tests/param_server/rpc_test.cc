@@ -1800,7 +1800,6 @@ TEST(RpcMetricsTest, ServerExportsPlausibleMetrics) {
   EXPECT_EQ(Sample(text, "meft_ps_bytes_sent_total"), h->response_bytes);
   EXPECT_GT(h->response_bytes, rows_served * kDim * 4 * 2) << "keys and values were sent as fp32";
   EXPECT_EQ(Sample(text, "meft_ps_optimizer_step_seconds_count"), 1.0);
-  EXPECT_GT(Sample(text, "meft_ps_optimizer_step_seconds_sum"), 0.0);
   EXPECT_EQ(Sample(text, "meft_ps_rows_updated_total"), static_cast<double>(rows_step));
   const double imbalance = Sample(text, "meft_ps_expert_load_imbalance");
   EXPECT_GE(imbalance, 1.0);
