@@ -9,8 +9,14 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <sstream>
 #include <string>
+
+#include "absl/status/statusor.h"
+#include "common/metrics/metrics.h"
+#include "param_server/rpc/service.h"
+#include "param_server/server/param_server.h"
 
 namespace meft::tls_test {
 
@@ -63,6 +69,19 @@ inline void MakeTestCerts(TestCerts* certs) {
   certs->client_key = d + "/client.key";
   certs->token_file = d + "/token";
   std::ofstream(certs->token_file) << certs->token << "\n";
+}
+
+// Serves `domain` on 127.0.0.1:0 over TLS with the certificates and token of `certs`; `mutual`
+// also requires client certificates signed by the test CA.
+inline absl::StatusOr<std::unique_ptr<rpc::RunningServer>> StartTlsServer(
+    const TestCerts& certs, bool mutual, server::ParamServer* domain, metrics::Registry* registry) {
+  rpc::RpcOptions o;
+  o.listen = "127.0.0.1:0";
+  o.tls_cert_file = certs.server_cert;
+  o.tls_key_file = certs.server_key;
+  if (mutual) o.tls_client_ca_file = certs.ca;
+  o.token_file = certs.token_file;
+  return rpc::StartServer(o, domain, registry);
 }
 
 }  // namespace meft::tls_test

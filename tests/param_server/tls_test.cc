@@ -55,13 +55,7 @@ class TlsTest : public ::testing::Test {
 
   // Starts the server with TLS and a token; `mutual` also asks for client certificates.
   void Start(bool mutual) {
-    rpc::RpcOptions o;
-    o.listen = "127.0.0.1:0";
-    o.tls_cert_file = certs_.server_cert;
-    o.tls_key_file = certs_.server_key;
-    if (mutual) o.tls_client_ca_file = certs_.ca;
-    o.token_file = certs_.token_file;
-    auto running = rpc::StartServer(o, domain_.get(), &registry_);
+    auto running = tls_test::StartTlsServer(certs_, mutual, domain_.get(), &registry_);
     ASSERT_TRUE(running.ok()) << running.status();
     running_ = std::move(*running);
   }
