@@ -19,6 +19,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -27,7 +28,6 @@ namespace prometheus {
 class Counter;
 class Gauge;
 class Histogram;
-class Exposer;
 }  // namespace prometheus
 
 namespace meft::metrics {
@@ -146,7 +146,14 @@ class Registry {
   std::vector<std::string> errors_;    // Guarded by mutex_.
 };
 
-// Serves GET /metrics over HTTP on a civetweb server with its own threads, until destroyed.
+// Serves GET /metrics over HTTP/1.1 (one response per connection, then close) on its own thread,
+// until destroyed.
+//
+// A small server of our own rather than prometheus-cpp's civetweb one: Debian's civetweb is built
+// with USE_STACK_SIZE=102400 and creates every thread with a 100 KiB stack, and glibc carves the
+// static TLS of all loaded libraries out of each thread's stack. With LibTorch loaded (OpenBLAS,
+// glog and libtorch_cpu bring about 106 KiB of static TLS) pthread_create fails with EINVAL, so
+// civetweb could never start inside meft-worker. This thread gets the default stack.
 class Exposer {
  public:
   // `bind_address` is "host:port" ("127.0.0.1:9464", "0.0.0.0:0", "[::1]:0"); port 0 picks a
@@ -155,7 +162,7 @@ class Exposer {
   // is gone returns no metrics).
   static absl::StatusOr<std::unique_ptr<Exposer>> Start(const std::string& bind_address,
                                                         Registry& registry);
-  // Stops the server; in-flight requests complete first.
+  // Stops the server; a request being answered is cut off, the port is free afterwards.
   ~Exposer();
   Exposer(const Exposer&) = delete;
   Exposer& operator=(const Exposer&) = delete;
@@ -164,9 +171,16 @@ class Exposer {
   int port() const { return port_; }
 
  private:
-  Exposer(std::unique_ptr<prometheus::Exposer> impl, int port);
-  std::unique_ptr<prometheus::Exposer> impl_;
-  int port_;
+  Exposer(int listen_fd, int wake_read_fd, int wake_write_fd, int port,
+          std::weak_ptr<internal::RegistryCollectable> collectable);
+  void Serve();                 // The accept loop, on thread_.
+  void Answer(int connection);  // Reads one request from `connection` and answers it.
+  const int listen_fd_;
+  const int wake_read_fd_;  // Readable once the destructor asks the thread to stop.
+  const int wake_write_fd_;
+  const int port_;
+  const std::weak_ptr<internal::RegistryCollectable> collectable_;
+  std::thread thread_;
 };
 
 // The bounds start, start*factor, ..., start*factor^(count-1), stopping early at the first that

@@ -374,6 +374,30 @@ TEST(MetricsTest, ExposerServesMetricsOverHttp) {
   EXPECT_THAT(HttpGet(port, "/metrics").body, HasSubstr("meft_test_queue_depth 8"));
 }
 
+// As much static TLS as LibTorch's libraries bring into meft-worker, and more: every thread of
+// this test binary carries it on its stack. civetweb's fixed 100 KiB thread stacks could not hold
+// it (pthread_create failed with EINVAL and the Exposer never started).
+thread_local char large_static_tls[256 * 1024];
+
+TEST(MetricsTest, ExposerServesWithLargeStaticTls) {
+  large_static_tls[0] = 1;  // Keeps the TLS block referenced.
+  Registry registry;
+  registry.AddGauge("meft_test_g", "G.").Set(large_static_tls[0]);
+  absl::StatusOr<std::unique_ptr<Exposer>> exposer = Exposer::Start("127.0.0.1:0", registry);
+  ASSERT_TRUE(exposer.ok()) << exposer.status();
+  HttpResponse response = HttpGet((*exposer)->port(), "/metrics");
+  EXPECT_THAT(response.status_line, HasSubstr(" 200 "));
+  EXPECT_THAT(response.body, HasSubstr("meft_test_g 1"));
+}
+
+TEST(MetricsTest, ExposerAnswersOtherPathsAndMethods) {
+  Registry registry;
+  absl::StatusOr<std::unique_ptr<Exposer>> exposer = Exposer::Start("127.0.0.1:0", registry);
+  ASSERT_TRUE(exposer.ok()) << exposer.status();
+  EXPECT_THAT(HttpGet((*exposer)->port(), "/other").status_line, HasSubstr(" 404 "));
+  EXPECT_THAT(HttpGet((*exposer)->port(), "/metrics?x=1").status_line, HasSubstr(" 200 "));
+}
+
 TEST(MetricsTest, ExposerOutlivingRegistryDoesNotCrash) {
   auto registry = std::make_unique<Registry>();
   registry->AddGauge("meft_test_g", "G.").Set(1);
