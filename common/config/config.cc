@@ -35,9 +35,9 @@ namespace internal {
 // The alternatives of Target and Value are in the same order: a value parsed for a field holds
 // the alternative whose index equals the field's target index.
 using Target = std::variant<bool*, int32_t*, uint32_t*, int64_t*, uint64_t*, double*, std::string*,
-                            std::vector<uint32_t>*>;
+                            std::vector<uint32_t>*, std::vector<std::string>*>;
 using Value = std::variant<bool, int32_t, uint32_t, int64_t, uint64_t, double, std::string,
-                           std::vector<uint32_t>>;
+                           std::vector<uint32_t>, std::vector<std::string>>;
 
 struct Field {
   std::string name;  // "optimizer.beta1"
@@ -71,13 +71,16 @@ enum Kind : size_t {
   kDouble,
   kString,
   kList,
+  kStringList,
 };
 static_assert(std::variant_size_v<Target> == std::variant_size_v<Value>);
 static_assert(std::is_same_v<std::variant_alternative_t<kList, Value>, std::vector<uint32_t>>);
+static_assert(
+    std::is_same_v<std::variant_alternative_t<kStringList, Value>, std::vector<std::string>>);
 
 Kind KindOf(const Field& field) { return static_cast<Kind>(field.target.index()); }
 
-bool IsNumeric(Kind kind) { return kind != kBool && kind != kString; }
+bool IsNumeric(Kind kind) { return kind != kBool && kind != kString && kind != kStringList; }
 
 // Quotes a user-supplied value for an error message, escaping control characters and
 // shortening very long values.
@@ -125,6 +128,8 @@ std::string FormatCurrent(const Field& field) {
           return Quote(*target);
         } else if constexpr (std::is_same_v<T, std::vector<uint32_t>>) {
           return Quote(FormatList(*target));
+        } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+          return Quote(absl::StrJoin(*target, ","));
         } else {
           return absl::StrCat(*target);
         }
@@ -153,6 +158,8 @@ std::string TypeName(const Field& field) {
       return "string";
     case kList:
       return "uint32 list";
+    case kStringList:
+      return "string list";
   }
   return "?";
 }
@@ -304,6 +311,15 @@ absl::Status Validate(const Field& field, const Value& value) {
             MEFT_RETURN_IF_ERROR(CheckRange(field, element, absl::StrCat("element ", element)));
           }
           return absl::OkStatus();
+        } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+          std::set<std::string> seen;
+          for (const std::string& element : v) {
+            if (element.empty()) return ValueError("empty element in string list");
+            if (!seen.insert(element).second) {
+              return ValueError(absl::StrCat("element ", Quote(element), " is listed twice"));
+            }
+          }
+          return absl::OkStatus();
         } else if constexpr (std::is_same_v<T, double>) {
           return CheckRange(field, v, FormatDouble(v));
         } else {
@@ -348,6 +364,16 @@ absl::StatusOr<Value> ParseText(const Field& field, absl::string_view text) {
       MEFT_ASSIGN_OR_RETURN(value, ParseRangeList(text));
       break;
     }
+    case kStringList: {
+      std::vector<std::string> list;
+      if (!absl::StripAsciiWhitespace(text).empty()) {
+        for (absl::string_view piece : absl::StrSplit(text, ',')) {
+          list.emplace_back(absl::StripAsciiWhitespace(piece));
+        }
+      }
+      value = std::move(list);
+      break;
+    }
   }
   MEFT_RETURN_IF_ERROR(Validate(field, value));
   return value;
@@ -379,6 +405,8 @@ std::string ExpectedText(const Field& field) {
       return "a string";
     case kList:
       return "a list of non-negative integers or a range string like \"0-3,5\"";
+    case kStringList:
+      return "a list of strings or a comma-separated string";
   }
   return "a value";
 }
@@ -584,6 +612,21 @@ class YamlLoader {
       parsed = std::move(list);
       absl::Status valid = Validate(field, parsed);
       if (!valid.ok()) return fail(mark, valid.message());
+    } else if (value.IsSequence() && KindOf(field) == kStringList) {
+      std::vector<std::string> list;
+      for (const YAML::Node& element : value) {
+        if (!element.IsScalar()) {
+          return fail(MarkOf(element, value),
+                      absl::StrCat("expected a string as list element, got ", Describe(element)));
+        }
+        list.push_back(element.Scalar());
+        if (list.size() > kMaxListElements) {
+          return fail(mark, absl::StrCat("more than ", kMaxListElements, " elements"));
+        }
+      }
+      parsed = std::move(list);
+      absl::Status valid = Validate(field, parsed);
+      if (!valid.ok()) return fail(mark, valid.message());
     } else {
       return fail(mark, absl::StrCat("expected ", ExpectedText(field), ", got ", Describe(value)));
     }
@@ -623,6 +666,10 @@ void EmitValue(YAML::Emitter& out, const Field& field) {
         } else if constexpr (std::is_same_v<T, std::vector<uint32_t>>) {
           out << YAML::Flow << YAML::BeginSeq;
           for (uint32_t v : *target) out << absl::StrCat(v);
+          out << YAML::EndSeq;
+        } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+          out << YAML::Flow << YAML::BeginSeq;
+          for (const std::string& v : *target) out << YAML::DoubleQuoted << v;
           out << YAML::EndSeq;
         } else {
           out << absl::StrCat(*target);
@@ -735,13 +782,29 @@ void FieldSet::Add(std::string name, std::string* target, std::string doc) {
   AddField(MakeField(std::move(name), target, std::move(doc)));
 }
 
+namespace {
+// OK when a list field's default (its value at registration) satisfies the list invariants.
+template <typename T>
+absl::Status ValidateListDefault(const std::string& name, std::vector<T>* target) {
+  if (target == nullptr) return absl::OkStatus();
+  absl::Status valid = Validate(*MakeField(name, target, ""), *target);
+  if (valid.ok()) return valid;
+  return absl::InternalError(absl::StrCat("default of ", Quote(name), ": ", valid.message()));
+}
+}  // namespace
+
 void FieldSet::Add(std::string name, std::vector<uint32_t>* target, std::string doc) {
-  if (target != nullptr) {
-    absl::Status valid = Validate(*MakeField(name, target, ""), *target);
-    if (!valid.ok()) {
-      RecordError(absl::StrCat("default of ", Quote(name), ": ", valid.message()));
-      return;
-    }
+  if (absl::Status s = ValidateListDefault(name, target); !s.ok()) {
+    RecordError(std::string(s.message()));
+    return;
+  }
+  AddField(MakeField(std::move(name), target, std::move(doc)));
+}
+
+void FieldSet::Add(std::string name, std::vector<std::string>* target, std::string doc) {
+  if (absl::Status s = ValidateListDefault(name, target); !s.ok()) {
+    RecordError(std::string(s.message()));
+    return;
   }
   AddField(MakeField(std::move(name), target, std::move(doc)));
 }

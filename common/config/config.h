@@ -33,6 +33,8 @@
 //   string               any scalar; YAML null (`~`, `null`, empty) is rejected, write ""
 //   std::vector<uint32_t> a YAML list `[0, 1, 2]` or a range string "0-3,5" (ranges inclusive,
 //                        no duplicates); on the command line the range string
+//   std::vector<std::string> a YAML list `[a, b]` or a comma-separated string "a,b" (elements
+//                        non-empty and distinct); on the command line the comma-separated string
 //
 // Loading is all-or-nothing: when LoadYaml* or ApplyCli returns an error, no target was
 // modified. Errors are INVALID_ARGUMENT (NOT_FOUND for a missing file) and name the source and
@@ -84,6 +86,9 @@ class FieldSet {
   void Add(std::string name, std::string* target, std::string doc);
   // A list of non-negative integers; see the value syntax above.
   void Add(std::string name, std::vector<uint32_t>* target, std::string doc);
+  // A list of non-empty, distinct strings: a YAML list `[a, b]`, or (YAML scalar and command
+  // line) a comma-separated string "a,b" (whitespace around elements ignored; "" = empty list).
+  void Add(std::string name, std::vector<std::string>* target, std::string doc);
   // A string restricted to `choices` (non-empty); the current value must be one of them.
   void AddChoice(std::string name, std::string* target, std::vector<std::string> choices,
                  std::string doc);

@@ -503,5 +503,63 @@ TEST(FieldSetRegistrationTest, RangeAppliesToListElements) {
   EXPECT_THAT(std::string(status.message()), HasSubstr("x:1: gpus: element 8 is out of range"));
 }
 
+TEST(FieldSetStringListTest, YamlListCommaStringFlagsAndDump) {
+  std::vector<std::string> servers = {"127.0.0.1:50051"};
+  FieldSet fields;
+  fields.Add("meft.servers", &servers, "parameter servers");
+  ASSERT_TRUE(fields.registration_status().ok()) << fields.registration_status();
+  EXPECT_THAT(fields.HelpText(), HasSubstr("string list"));
+  ASSERT_TRUE(fields.LoadYamlString("meft:\n  servers: [a:1, \"b:2\"]\n", "x").ok());
+  EXPECT_THAT(servers, ElementsAre("a:1", "b:2"));
+  ASSERT_TRUE(fields.LoadYamlString("meft:\n  servers:\n    - c:3\n    - d:4\n", "x").ok());
+  EXPECT_THAT(servers, ElementsAre("c:3", "d:4"));
+  ASSERT_TRUE(fields.LoadYamlString("meft.servers: \" e:5 , f:6\"\n", "x").ok());
+  EXPECT_THAT(servers, ElementsAre("e:5", "f:6"));
+  ASSERT_TRUE(fields.LoadYamlString("meft.servers: []\n", "x").ok());
+  EXPECT_THAT(servers, IsEmpty());
+  ASSERT_TRUE(fields.LoadYamlString("meft.servers: \"\"\n", "x").ok());
+  EXPECT_THAT(servers, IsEmpty());
+
+  servers = {"g:7", "h:8"};
+  FieldSet reloaded_fields;
+  std::vector<std::string> reloaded;
+  reloaded_fields.Add("meft.servers", &reloaded, "");
+  ASSERT_TRUE(reloaded_fields.LoadYamlString(fields.DumpYaml(), "dump").ok()) << fields.DumpYaml();
+  EXPECT_THAT(reloaded, ElementsAre("g:7", "h:8"));
+
+  CLI::App app("test");
+  fields.BindCli(app);
+  const char* argv[] = {"prog", "--meft-servers", "i:9,j:10"};
+  app.parse(3, argv);
+  ASSERT_TRUE(fields.ApplyCli().ok());
+  EXPECT_THAT(servers, ElementsAre("i:9", "j:10"));
+}
+
+TEST(FieldSetStringListTest, BadListsNameTheLineAndChangeNothing) {
+  std::vector<std::string> servers = {"a:1"};
+  FieldSet fields;
+  fields.Add("servers", &servers, "");
+  const struct {
+    const char* yaml;
+    const char* message;
+  } cases[] = {
+      {"servers: [a:1, a:1]\n", "x:1: servers: element \"a:1\" is listed twice"},
+      {"servers: \"a:1,,b:2\"\n", "x:1: servers: empty element in string list"},
+      {"servers:\n  - [a]\n", "x:2: servers: expected a string as list element"},
+      {"servers: {a: 1}\n", "x:1: servers: expected a list of strings"},
+  };
+  for (const auto& c : cases) {
+    absl::Status status = fields.LoadYamlString(c.yaml, "x");
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << c.yaml;
+    EXPECT_THAT(std::string(status.message()), HasSubstr(c.message)) << c.yaml;
+    EXPECT_THAT(servers, ElementsAre("a:1")) << c.yaml;
+  }
+  std::vector<std::string> twice = {"a", "a"};
+  FieldSet bad_default;
+  bad_default.Add("twice", &twice, "");
+  EXPECT_THAT(std::string(bad_default.registration_status().message()),
+              HasSubstr("default of \"twice\": element \"a\" is listed twice"));
+}
+
 }  // namespace
 }  // namespace meft::config
