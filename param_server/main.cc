@@ -49,6 +49,9 @@ absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
   rpc_options.tls_key_file = config.tls_key;
   rpc_options.tls_client_ca_file = config.tls_client_ca;
   rpc_options.token_file = config.auth_token_file;
+  rpc_options.shm_attach = config.shm_attach == "on"    ? meft::rpc::ShmAttach::kOn
+                           : config.shm_attach == "off" ? meft::rpc::ShmAttach::kOff
+                                                        : meft::rpc::ShmAttach::kAuto;
   MEFT_RETURN_IF_ERROR(meft::rpc::CheckListenAddress(rpc_options));
   options.max_response_bytes = rpc_options.max_message_bytes;
 
@@ -100,6 +103,8 @@ absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
                : config.tls_client_ca.empty() ? "TLS"
                                               : "mutual TLS",
                config.auth_token_file.empty() ? "" : ", bearer token required");
+  spdlog::info("shared-memory arenas from workers on this host: {}",
+               meft::rpc::ShmAttachAllowed(rpc_options) ? "accepted" : "refused (shm.attach)");
 
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);

@@ -55,6 +55,17 @@ void RegisterWorkerFields(WorkerConfig* c, config::FieldSet* f) {
   f->Add("meft.bf16_rows", &c->bf16_rows, "receive rows as bf16 (else fp32)");
   f->Add("meft.timeout_seconds", &c->server_timeout_seconds, "deadline of one call to the server");
   f->SetRange("meft.timeout_seconds", 0.001, 86400);
+  f->AddChoice("meft.transport", &c->transport, {"auto", "shm", "grpc"},
+               "tensors to the server: shm = through a shared-memory arena (same host only, error "
+               "if it cannot be attached), grpc = inline in messages, auto = shm when the server "
+               "address is loopback and the arena attaches, else grpc");
+  f->Add("meft.shm_arena_mb", &c->shm_arena_mb,
+         "size of the shared-memory arena in MiB; 0 = room for two lookups of the server's "
+         "max_tokens (64 MiB to 4 GiB)");
+  f->SetRange("meft.shm_arena_mb", 0, 1 << 20);
+  f->Add("meft.shm_pin", &c->shm_pin,
+         "register the arena as pinned memory (one DMA per host-to-device copy) when LibTorch "
+         "has CUDA and a device is present");
   f->Add("meft.tls_ca", &c->tls_ca,
          "PEM CA that signed the server's certificate; set = TLS to the server, \"\" = plaintext");
   f->Add("meft.tls_cert", &c->tls_cert,
@@ -170,6 +181,9 @@ absl::StatusOr<std::unique_ptr<WorkerSession>> OpenSession(const WorkerConfig& c
     co.tls_cert_file = c.tls_cert;
     co.tls_key_file = c.tls_key;
     co.token_file = c.token_file;
+    MEFT_ASSIGN_OR_RETURN(co.transport, ParseTransport(c.transport));
+    co.shm_arena_bytes = uint64_t{c.shm_arena_mb} << 20;
+    co.shm_pin = c.shm_pin;
     MEFT_ASSIGN_OR_RETURN(s->client, CreateGrpcParamClient(co));
     auto described = s->client->Describe();
     if (absl::IsUnavailable(described.status()) || absl::IsDeadlineExceeded(described.status())) {

@@ -49,10 +49,13 @@ struct WorkerConfig {
   bool refetch_in_backward = false;
   bool bf16_rows = true;
   double server_timeout_seconds = 600;
-  std::string tls_ca;      // PEM CA that signed the server's certificate; "" = plaintext
-  std::string tls_cert;    // PEM client certificate for mutual TLS; "" = none
-  std::string tls_key;     // its private key
-  std::string token_file;  // file holding the server's bearer token; "" = none
+  std::string tls_ca;              // PEM CA that signed the server's certificate; "" = plaintext
+  std::string tls_cert;            // PEM client certificate for mutual TLS; "" = none
+  std::string tls_key;             // its private key
+  std::string token_file;          // file holding the server's bearer token; "" = none
+  std::string transport = "auto";  // auto | shm | grpc: how tensors travel to the server
+  uint32_t shm_arena_mb = 0;       // shared-memory arena in MiB; 0 = derived from the server
+  bool shm_pin = true;             // pin the arena for CUDA copies when CUDA is present
   // training
   int64_t max_steps = 1500;
   int64_t micro_batch_size = 16;

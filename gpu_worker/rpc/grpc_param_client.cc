@@ -7,14 +7,18 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "common/rpc/address.h"
 #include "common/rpc/status_convert.h"
 #include "common/status.h"
 #include "common/wire/tensor_codec.h"
+#include "gpu_worker/rpc/shm_transport.h"
 #include "meft/v1/param_server.grpc.pb.h"
+#include "spdlog/spdlog.h"
 
 namespace meft::worker {
 namespace {
@@ -105,9 +109,11 @@ class GrpcParamClient final : public ParamClient {
   absl::StatusOr<LookupResult> Lookup(const StepHeader& header, const torch::Tensor& x,
                                       const torch::Tensor& token_mask, bool training) override {
     try {
+      MEFT_ASSIGN_OR_RETURN(ShmTransport * shm, Transport());
       v1::LookupRequest request;
       SetHeader(header, request.mutable_header());
-      FloatsToProto(x, /*bf16=*/false, request.mutable_x());
+      ArenaHold hold(shm);
+      PutFloats(shm, x, /*bf16=*/false, request.mutable_x(), &hold);
       if (token_mask.defined()) {
         const torch::Tensor m =
             token_mask.detach().to(torch::kCPU).ne(0).to(torch::kUInt8).contiguous();
@@ -119,17 +125,48 @@ class GrpcParamClient final : public ParamClient {
       }
       request.set_training(training);
       request.set_row_dtype(options_.bf16_rows ? v1::DTYPE_BF16 : v1::DTYPE_FP32);
+      std::shared_ptr<ResponseLease> lease;
+      if (shm != nullptr) {
+        MEFT_ASSIGN_OR_RETURN(lease, AllocateResponse(shm, x.size(0)));
+        if (lease) {
+          request.mutable_response_region()->set_offset(lease->region().offset);
+          request.mutable_response_region()->set_bytes(lease->region().bytes);
+        }
+      }
       v1::LookupResponse response;
-      MEFT_RETURN_IF_ERROR(Call("Lookup", &v1::ParamServer::Stub::Lookup, request, &response));
+      MEFT_RETURN_IF_ERROR(
+          CallWithArena(shm, "Lookup", &v1::ParamServer::Stub::Lookup, &request, &response));
+      hold.Release();
+      if (lease) {
+        uint64_t used = 0;
+        for (const v1::Tensor* t :
+             {&response.row_ids(), &response.keys(), &response.values(), &response.token_rows(),
+              &response.token_gates(), &response.token_experts(), &response.expert_ids(),
+              &response.router_rows()}) {
+          if (t->has_arena() && t->arena().offset() >= lease->region().offset) {
+            used =
+                std::max(used, t->arena().offset() + t->arena().bytes() - lease->region().offset);
+          }
+        }
+        lease->Shrink(std::min(used, lease->region().bytes));
+      }
+      auto take = [&](const v1::Tensor& t, const char* field) -> absl::StatusOr<torch::Tensor> {
+        if (!t.has_arena()) return FromProto(t, field);
+        if (!lease) {
+          return absl::DataLossError(
+              absl::StrCat("server answer ", field, ": an arena span, but no region was offered"));
+        }
+        return shm->FromArena(t, field, lease);
+      };
       LookupResult r;
-      MEFT_ASSIGN_OR_RETURN(r.row_ids, FromProto(response.row_ids(), "row_ids"));
-      MEFT_ASSIGN_OR_RETURN(r.keys, FromProto(response.keys(), "keys"));
-      MEFT_ASSIGN_OR_RETURN(r.values, FromProto(response.values(), "values"));
-      MEFT_ASSIGN_OR_RETURN(r.token_rows, FromProto(response.token_rows(), "token_rows"));
-      MEFT_ASSIGN_OR_RETURN(r.token_gates, FromProto(response.token_gates(), "token_gates"));
-      MEFT_ASSIGN_OR_RETURN(r.token_experts, FromProto(response.token_experts(), "token_experts"));
-      MEFT_ASSIGN_OR_RETURN(r.expert_ids, FromProto(response.expert_ids(), "expert_ids"));
-      MEFT_ASSIGN_OR_RETURN(r.router_rows, FromProto(response.router_rows(), "router_rows"));
+      MEFT_ASSIGN_OR_RETURN(r.row_ids, take(response.row_ids(), "row_ids"));
+      MEFT_ASSIGN_OR_RETURN(r.keys, take(response.keys(), "keys"));
+      MEFT_ASSIGN_OR_RETURN(r.values, take(response.values(), "values"));
+      MEFT_ASSIGN_OR_RETURN(r.token_rows, take(response.token_rows(), "token_rows"));
+      MEFT_ASSIGN_OR_RETURN(r.token_gates, take(response.token_gates(), "token_gates"));
+      MEFT_ASSIGN_OR_RETURN(r.token_experts, take(response.token_experts(), "token_experts"));
+      MEFT_ASSIGN_OR_RETURN(r.expert_ids, take(response.expert_ids(), "expert_ids"));
+      MEFT_ASSIGN_OR_RETURN(r.router_rows, take(response.router_rows(), "router_rows"));
       r.replayed = response.replayed();
       return r;
     } catch (const c10::Error& e) {
@@ -141,13 +178,18 @@ class GrpcParamClient final : public ParamClient {
                          const torch::Tensor& value_grads,
                          const torch::Tensor& gate_grads) override {
     try {
+      MEFT_ASSIGN_OR_RETURN(ShmTransport * shm, Transport());
       v1::GradientsRequest request;
       SetHeader(header, request.mutable_header());
-      FloatsToProto(key_grads, options_.bf16_grads, request.mutable_key_grads());
-      FloatsToProto(value_grads, options_.bf16_grads, request.mutable_value_grads());
-      if (gate_grads.defined()) FloatsToProto(gate_grads, false, request.mutable_gate_grads());
+      ArenaHold hold(shm);
+      PutFloats(shm, key_grads, options_.bf16_grads, request.mutable_key_grads(), &hold);
+      PutFloats(shm, value_grads, options_.bf16_grads, request.mutable_value_grads(), &hold);
+      if (gate_grads.defined()) {
+        PutFloats(shm, gate_grads, false, request.mutable_gate_grads(), &hold);
+      }
       v1::GradientsResponse response;
-      return Call("Gradients", &v1::ParamServer::Stub::Gradients, request, &response);
+      return CallWithArena(shm, "Gradients", &v1::ParamServer::Stub::Gradients, &request,
+                           &response);
     } catch (const c10::Error& e) {
       return absl::InternalError(absl::StrCat("Gradients: ", e.what_without_backtrace()));
     }
@@ -206,6 +248,131 @@ class GrpcParamClient final : public ParamClient {
   }
 
  private:
+  // Regions holding one request's tensors; freed by Release or on destruction.
+  class ArenaHold {
+   public:
+    explicit ArenaHold(ShmTransport* shm) : shm_(shm) {}
+    ~ArenaHold() { Release(); }
+    ArenaHold(const ArenaHold&) = delete;
+    ArenaHold& operator=(const ArenaHold&) = delete;
+    void Release() {
+      if (shm_ != nullptr) shm_->Free(regions_);
+      regions_.clear();
+    }
+    std::vector<shm::Region>* regions() { return &regions_; }
+
+   private:
+    ShmTransport* const shm_;
+    std::vector<shm::Region> regions_;
+  };
+
+  // `t` into the arena when there is one with room, else inline.
+  static void PutFloats(ShmTransport* shm, const torch::Tensor& t, bool bf16, v1::Tensor* out,
+                        ArenaHold* hold) {
+    if (shm == nullptr || !shm->PutFloats(t, bf16, out, hold->regions())) {
+      FloatsToProto(t, bf16, out);
+    }
+  }
+
+  // A region for the answer to `tokens` tokens; null (answer inline) when the arena is busy.
+  // An answer that could never fit is an error with meft.transport: shm, inline with auto.
+  absl::StatusOr<std::shared_ptr<ResponseLease>> AllocateResponse(ShmTransport* shm,
+                                                                  int64_t tokens) {
+    const uint64_t bound = ResponseBytesBound(server_, tokens, options_.bf16_rows ? 2 : 4);
+    if (bound > shm->capacity()) {
+      if (options_.transport == GrpcClientOptions::Transport::kShm) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("meft.shm_arena_mb: the shared-memory arena (", shm->capacity() >> 20,
+                         " MiB) is too small for the answer to ", tokens, " tokens (up to ",
+                         bound >> 20, " MiB); raise meft.shm_arena_mb"));
+      }
+      return std::shared_ptr<ResponseLease>();
+    }
+    return shm->AllocateResponse(bound);
+  }
+
+  // The shared-memory transport, or null for inline tensors; decided at the first call.
+  absl::StatusOr<ShmTransport*> Transport() {
+    std::lock_guard lock(transport_mu_);
+    if (transport_decided_) {
+      if (!transport_error_.ok()) return transport_error_;
+      return shm_.get();
+    }
+    transport_decided_ = true;
+    if (options_.transport == GrpcClientOptions::Transport::kGrpc) {
+      spdlog::info("transport to {}: gRPC (meft.transport: grpc)", options_.address);
+      return nullptr;
+    }
+    const bool required = options_.transport == GrpcClientOptions::Transport::kShm;
+    absl::Status status;
+    if (!rpc::IsLoopback(options_.address)) {
+      status = absl::FailedPreconditionError(
+          absl::StrCat(options_.address, " is not a loopback address"));
+    } else {
+      status = SetUpShm();
+    }
+    if (status.ok()) {
+      spdlog::info("transport to {}: shared memory (arena {}, {} MiB{})", options_.address,
+                   shm_->arena().name(), shm_->arena().size() >> 20,
+                   shm_->pinned() ? ", pinned for CUDA" : "");
+      return shm_.get();
+    }
+    shm_.reset();
+    if (required) {
+      transport_error_ = absl::Status(
+          status.code(),
+          absl::StrCat("meft.transport: shm, but the shared-memory arena cannot be used: ",
+                       status.message()));
+      return transport_error_;
+    }
+    spdlog::info("transport to {}: gRPC (shared memory not used: {})", options_.address,
+                 std::string(status.message()));
+    return nullptr;
+  }
+
+  absl::Status SetUpShm() {
+    MEFT_ASSIGN_OR_RETURN(server_, Describe());
+    uint64_t bytes = options_.shm_arena_bytes;
+    if (bytes == 0) bytes = DefaultArenaBytes(server_, options_.bf16_rows ? 2 : 4);
+    MEFT_ASSIGN_OR_RETURN(shm_, ShmTransport::Create(bytes, options_.shm_pin));
+    return Attach(shm_.get());
+  }
+
+  absl::Status Attach(ShmTransport* shm) {
+    v1::AttachArenaResponse response;
+    MEFT_RETURN_IF_ERROR(
+        Call("AttachArena", &v1::ParamServer::Stub::AttachArena, shm->AttachRequest(), &response));
+    shm->set_arena_id(response.arena_id());
+    return absl::OkStatus();
+  }
+
+  // Call with the arena's id set. When the server no longer knows the arena (it restarted),
+  // attaches again and retries once.
+  template <typename Request, typename Response>
+  absl::Status CallWithArena(ShmTransport* shm, const char* method,
+                             grpc::Status (v1::ParamServer::Stub::*fn)(grpc::ClientContext*,
+                                                                       const Request&, Response*),
+                             Request* request, Response* response) {
+    if (shm == nullptr) return Call(method, fn, *request, response);
+    const uint64_t id = shm->arena_id();
+    request->set_arena_id(id);
+    absl::Status s = Call(method, fn, *request, response);
+    if (!absl::IsFailedPrecondition(s) ||
+        s.message().find("arena not attached") == absl::string_view::npos) {
+      return s;
+    }
+    {
+      std::lock_guard lock(attach_mu_);
+      // Another thread may have attached again already.
+      if (shm->arena_id() == id) MEFT_RETURN_IF_ERROR(Attach(shm));
+    }
+    spdlog::info("parameter server {} had lost the shared-memory arena; attached it again",
+                 options_.address);
+    request->set_arena_id(shm->arena_id());
+    response->Clear();
+    return Call(method, fn, *request, response);
+  }
+
   template <typename Request, typename Response>
   absl::Status Call(const char* method,
                     grpc::Status (v1::ParamServer::Stub::*fn)(grpc::ClientContext*, const Request&,
@@ -226,13 +393,31 @@ class GrpcParamClient final : public ParamClient {
   GrpcClientOptions options_;
   const std::string authorization_;
   std::unique_ptr<v1::ParamServer::Stub> stub_;
+  std::mutex transport_mu_;            // guards the four members below until decided
+  bool transport_decided_ = false;     // Transport() ran
+  absl::Status transport_error_;       // why meft.transport: shm cannot work
+  std::shared_ptr<ShmTransport> shm_;  // null = inline tensors; fixed once decided
+  ServerDescription server_;           // the server's description when shm_ was set up
+  std::mutex attach_mu_;               // serialises re-attaching
 };
 
 }  // namespace
 
+absl::StatusOr<GrpcClientOptions::Transport> ParseTransport(const std::string& name) {
+  if (name == "auto") return GrpcClientOptions::Transport::kAuto;
+  if (name == "shm") return GrpcClientOptions::Transport::kShm;
+  if (name == "grpc") return GrpcClientOptions::Transport::kGrpc;
+  return absl::InvalidArgumentError(
+      absl::StrCat("meft.transport: \"", name, "\" is not one of auto, shm, grpc"));
+}
+
 absl::StatusOr<std::unique_ptr<ParamClient>> CreateGrpcParamClient(
     const GrpcClientOptions& options) {
   if (options.address.empty()) return absl::InvalidArgumentError("server address: empty");
+  if (options.shm_arena_bytes != 0 && options.shm_arena_bytes < (uint64_t{1} << 20)) {
+    return absl::InvalidArgumentError(absl::StrCat("meft.shm_arena_mb: ", options.shm_arena_bytes,
+                                                   " bytes is too small (at least 1 MiB)"));
+  }
   if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
     return absl::InvalidArgumentError("client TLS: tls_cert_file and tls_key_file go together");
   }

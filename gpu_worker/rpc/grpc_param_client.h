@@ -25,10 +25,25 @@ struct GrpcClientOptions {
   // File holding the bearer token (surrounding whitespace ignored), sent on every call as
   // `authorization: Bearer <token>`. "" = none.
   std::string token_file;
+  // Same-host transport (DESIGN §3). kAuto: when `address` is a loopback address, tensors go
+  // through a shared-memory arena that the server attaches, else (or when attaching fails)
+  // inline in gRPC messages; the choice is logged once. kShm: the arena is required (calls fail
+  // when it cannot be attached). kGrpc: always inline.
+  enum class Transport { kAuto, kShm, kGrpc };
+  Transport transport = Transport::kAuto;
+  // Arena size in bytes; 0 = DefaultArenaBytes of the server's description. At least 1 MiB.
+  uint64_t shm_arena_bytes = 0;
+  // Register the arena as pinned CUDA memory when LibTorch has CUDA and a device is present.
+  bool shm_pin = true;
 };
 
+// Parses "auto", "shm" or "grpc".
+absl::StatusOr<GrpcClientOptions::Transport> ParseTransport(const std::string& name);
+
 // Reads the TLS and token files once (errors name the option and file) and connects lazily;
-// every call returns the server's status with the method named.
+// every call returns the server's status with the method named. The transport is chosen at the
+// first Lookup or Gradients call. Thread-safe: calls may run concurrently from several threads.
+// Answer tensors may alias the shared-memory arena; they stay valid after the client is gone.
 absl::StatusOr<std::unique_ptr<ParamClient>> CreateGrpcParamClient(
     const GrpcClientOptions& options);
 

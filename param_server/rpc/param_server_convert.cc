@@ -1,5 +1,8 @@
 #include "param_server/rpc/param_server_convert.h"
 
+#include <array>
+#include <cstring>
+
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 
@@ -41,8 +44,9 @@ server::RequestHeader HeaderFromProto(const v1::RequestHeader& h) {
   return {h.step(), h.micro_step(), h.layer()};
 }
 
-absl::StatusOr<wire::WireTensor> Required(const v1::Tensor& tensor, absl::string_view field) {
-  MEFT_ASSIGN_OR_RETURN(auto t, TensorFromProto(tensor, field));
+absl::StatusOr<wire::WireTensor> Required(const v1::Tensor& tensor, absl::string_view field,
+                                          const shm::Arena* arena) {
+  MEFT_ASSIGN_OR_RETURN(auto t, TensorFromProto(tensor, field, arena));
   if (!t.has_value()) return absl::InvalidArgumentError(absl::StrCat(field, ": missing"));
   return *std::move(t);
 }
@@ -50,9 +54,10 @@ absl::StatusOr<wire::WireTensor> Required(const v1::Tensor& tensor, absl::string
 }  // namespace
 
 absl::StatusOr<std::optional<wire::WireTensor>> TensorFromProto(const v1::Tensor& tensor,
-                                                                absl::string_view field) {
+                                                                absl::string_view field,
+                                                                const shm::Arena* arena) {
   if (tensor.dtype() == v1::DTYPE_UNSPECIFIED && tensor.shape_size() == 0 &&
-      tensor.data().empty()) {
+      tensor.data().empty() && !tensor.has_arena()) {
     return std::nullopt;
   }
   MEFT_ASSIGN_OR_RETURN(wire::DType dtype,
@@ -61,7 +66,44 @@ absl::StatusOr<std::optional<wire::WireTensor>> TensorFromProto(const v1::Tensor
   out.dtype = dtype;
   out.shape.assign(tensor.shape().begin(), tensor.shape().end());
   out.data = tensor.data();
+  if (tensor.has_arena()) {
+    if (arena == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".arena: set, but the request names no arena_id"));
+    }
+    if (!tensor.data().empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": both data and arena are set; send one"));
+    }
+    const uint64_t offset = tensor.arena().offset();
+    const uint64_t bytes = tensor.arena().bytes();
+    if (!arena->Contains(offset, bytes)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".arena: ", bytes, " bytes at offset ", offset,
+                       " do not lie inside the arena's usable range [", shm::kHeaderBytes, ", ",
+                       arena->size(), ")"));
+    }
+    out.data = absl::string_view(reinterpret_cast<const char*>(arena->data() + offset),
+                                 static_cast<size_t>(bytes));
+  }
   return out;
+}
+
+absl::StatusOr<std::optional<ResponseRegion>> ResponseRegionFromProto(
+    const v1::LookupRequest& request, const shm::Arena* arena) {
+  if (!request.has_response_region()) return std::nullopt;
+  if (arena == nullptr) {
+    return absl::InvalidArgumentError("response_region: set, but the request names no arena_id");
+  }
+  const uint64_t offset = request.response_region().offset();
+  const uint64_t capacity = request.response_region().bytes();
+  if (!arena->Contains(offset, capacity)) {
+    return absl::InvalidArgumentError(absl::StrCat("response_region: ", capacity,
+                                                   " bytes at offset ", offset,
+                                                   " do not lie inside the arena's usable range [",
+                                                   shm::kHeaderBytes, ", ", arena->size(), ")"));
+  }
+  return ResponseRegion{arena->data(), offset, capacity};
 }
 
 void TensorToProto(wire::Tensor&& tensor, v1::Tensor* out) {
@@ -71,11 +113,13 @@ void TensorToProto(wire::Tensor&& tensor, v1::Tensor* out) {
   out->set_data(std::move(tensor.data));
 }
 
-absl::StatusOr<server::LookupCall> FromProto(const v1::LookupRequest& request) {
+absl::StatusOr<server::LookupCall> FromProto(const v1::LookupRequest& request,
+                                             const shm::Arena* arena) {
   server::LookupCall call;
   call.header = HeaderFromProto(request.header());
-  MEFT_ASSIGN_OR_RETURN(call.x, Required(request.x(), "x"));
-  MEFT_ASSIGN_OR_RETURN(call.token_mask, TensorFromProto(request.token_mask(), "token_mask"));
+  MEFT_ASSIGN_OR_RETURN(call.x, Required(request.x(), "x", arena));
+  MEFT_ASSIGN_OR_RETURN(call.token_mask,
+                        TensorFromProto(request.token_mask(), "token_mask", arena));
   call.training = request.training();
   if (request.row_dtype() != v1::DTYPE_UNSPECIFIED) {
     MEFT_ASSIGN_OR_RETURN(call.row_dtype, DTypeFromProto(request.row_dtype(), "row_dtype"));
@@ -83,12 +127,14 @@ absl::StatusOr<server::LookupCall> FromProto(const v1::LookupRequest& request) {
   return call;
 }
 
-absl::StatusOr<server::GradientsCall> FromProto(const v1::GradientsRequest& request) {
+absl::StatusOr<server::GradientsCall> FromProto(const v1::GradientsRequest& request,
+                                                const shm::Arena* arena) {
   server::GradientsCall call;
   call.header = HeaderFromProto(request.header());
-  MEFT_ASSIGN_OR_RETURN(call.key_grads, Required(request.key_grads(), "key_grads"));
-  MEFT_ASSIGN_OR_RETURN(call.value_grads, Required(request.value_grads(), "value_grads"));
-  MEFT_ASSIGN_OR_RETURN(call.gate_grads, TensorFromProto(request.gate_grads(), "gate_grads"));
+  MEFT_ASSIGN_OR_RETURN(call.key_grads, Required(request.key_grads(), "key_grads", arena));
+  MEFT_ASSIGN_OR_RETURN(call.value_grads, Required(request.value_grads(), "value_grads", arena));
+  MEFT_ASSIGN_OR_RETURN(call.gate_grads,
+                        TensorFromProto(request.gate_grads(), "gate_grads", arena));
   return call;
 }
 
@@ -101,7 +147,45 @@ server::StepCall FromProto(const v1::StepRequest& request) {
   return call;
 }
 
-void ToProto(server::LookupReply&& reply, v1::LookupResponse* out) {
+void ToProto(server::LookupReply&& reply, v1::LookupResponse* out, const ResponseRegion* region) {
+  if (region != nullptr) {
+    const std::array<std::pair<wire::Tensor*, v1::Tensor*>, 8> fields = {{
+        {&reply.row_ids, out->mutable_row_ids()},
+        {&reply.keys, out->mutable_keys()},
+        {&reply.values, out->mutable_values()},
+        {&reply.token_rows, out->mutable_token_rows()},
+        {&reply.token_gates, out->mutable_token_gates()},
+        {&reply.token_experts, out->mutable_token_experts()},
+        {&reply.expert_ids, out->mutable_expert_ids()},
+        {&reply.router_rows, out->mutable_router_rows()},
+    }};
+    // Offsets are absolute (from the arena's start); each tensor starts 64-byte aligned.
+    const uint64_t end = region->begin + region->capacity;
+    uint64_t at = shm::AlignUp(region->begin);
+    bool fits = at <= end;
+    for (const auto& [tensor, proto] : fields) {
+      if (!fits || !tensor->present) continue;
+      const uint64_t bytes = tensor->data.size();
+      fits = at <= end && bytes <= end - at;
+      at = shm::AlignUp(at + bytes);
+    }
+    if (fits) {
+      at = shm::AlignUp(region->begin);
+      for (const auto& [tensor, proto] : fields) {
+        if (!tensor->present) continue;
+        proto->set_dtype(DTypeToProto(tensor->dtype));
+        for (int64_t d : tensor->shape) proto->add_shape(d);
+        const uint64_t bytes = tensor->data.size();
+        if (bytes > 0) std::memcpy(region->arena_base + at, tensor->data.data(), bytes);
+        proto->mutable_arena()->set_offset(at);
+        proto->mutable_arena()->set_bytes(bytes);
+        at = shm::AlignUp(at + bytes);
+      }
+      out->set_rows_dropped(reply.rows_dropped);
+      out->set_replayed(reply.replayed);
+      return;
+    }
+  }
   TensorToProto(std::move(reply.row_ids), out->mutable_row_ids());
   TensorToProto(std::move(reply.keys), out->mutable_keys());
   TensorToProto(std::move(reply.values), out->mutable_values());

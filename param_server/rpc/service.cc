@@ -1,16 +1,16 @@
 #include "param_server/rpc/service.h"
 
-#include <arpa/inet.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
-#include <netinet/in.h>
 
 #include <algorithm>
 #include <chrono>
 #include <exception>
 #include <fstream>
 #include <map>
+#include <memory>
+#include <optional>
 #include <sstream>
 #include <string_view>
 #include <vector>
@@ -18,24 +18,17 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/rpc/address.h"
 #include "common/rpc/status_convert.h"
 #include "common/status.h"
 #include "meft/v1/param_server.grpc.pb.h"
+#include "param_server/rpc/arena_registry.h"
 #include "param_server/rpc/param_server_convert.h"
 
 namespace meft::rpc {
 namespace {
 
 constexpr char kServiceName[] = "meft.v1.ParamServer";
-
-std::string HostOf(const std::string& listen) {
-  if (!listen.empty() && listen.front() == '[') {
-    const size_t close = listen.find(']');
-    return close == std::string::npos ? listen : listen.substr(1, close - 1);
-  }
-  const size_t colon = listen.rfind(':');
-  return colon == std::string::npos ? listen : listen.substr(0, colon);
-}
 
 // The whole of `path`; `key` (the setting that named it) and the path appear in errors.
 absl::StatusOr<std::string> ReadSecretFile(const char* key, const std::string& path) {
@@ -59,14 +52,9 @@ bool ConstantTimeEquals(std::string_view expected, std::string_view got) {
 
 }  // namespace
 
-bool IsLoopback(const std::string& listen) {
-  const std::string host = HostOf(listen);
-  if (host == "localhost") return true;
-  // Numeric addresses only: a DNS name such as "127.example.com" may resolve anywhere.
-  in_addr v4;
-  if (::inet_pton(AF_INET, host.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;
-  in6_addr v6;
-  return ::inet_pton(AF_INET6, host.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6);
+bool ShmAttachAllowed(const RpcOptions& options) {
+  return options.shm_attach == ShmAttach::kOn ||
+         (options.shm_attach == ShmAttach::kAuto && IsLoopback(options.listen));
 }
 
 absl::Status CheckListenAddress(const RpcOptions& options) {
@@ -94,8 +82,9 @@ absl::Status CheckListenAddress(const RpcOptions& options) {
 class RunningServer::Service final : public v1::ParamServer::Service {
  public:
   // `token` empty = calls need no authorization metadata.
-  Service(server::ParamServer* domain, metrics::Registry* registry, std::string token)
-      : domain_(domain), registry_(registry), token_(std::move(token)) {
+  Service(server::ParamServer* domain, metrics::Registry* registry, std::string token,
+          bool shm_allowed)
+      : domain_(domain), registry_(registry), token_(std::move(token)), shm_allowed_(shm_allowed) {
     if (registry_ != nullptr) {
       bytes_in_ = &registry_->AddCounter("meft_ps_bytes_received_total",
                                          "Serialized request bytes received");
@@ -107,10 +96,14 @@ class RunningServer::Service final : public v1::ParamServer::Service {
   grpc::Status Lookup(grpc::ServerContext* context, const v1::LookupRequest* request,
                       v1::LookupResponse* response) override {
     return Handle(context, "Lookup", *request, response, [&]() -> absl::Status {
-      MEFT_ASSIGN_OR_RETURN(server::LookupCall call, FromProto(*request));
+      MEFT_ASSIGN_OR_RETURN(std::shared_ptr<const shm::Arena> arena,
+                            FindArena(request->arena_id()));
+      MEFT_ASSIGN_OR_RETURN(server::LookupCall call, FromProto(*request, arena.get()));
+      MEFT_ASSIGN_OR_RETURN(std::optional<ResponseRegion> region,
+                            ResponseRegionFromProto(*request, arena.get()));
       call.is_cancelled = [context] { return context->IsCancelled(); };
       MEFT_ASSIGN_OR_RETURN(server::LookupReply reply, domain_->Lookup(call));
-      ToProto(std::move(reply), response);
+      ToProto(std::move(reply), response, region.has_value() ? &*region : nullptr);
       return absl::OkStatus();
     });
   }
@@ -118,7 +111,9 @@ class RunningServer::Service final : public v1::ParamServer::Service {
   grpc::Status Gradients(grpc::ServerContext* context, const v1::GradientsRequest* request,
                          v1::GradientsResponse* response) override {
     return Handle(context, "Gradients", *request, response, [&]() -> absl::Status {
-      MEFT_ASSIGN_OR_RETURN(server::GradientsCall call, FromProto(*request));
+      MEFT_ASSIGN_OR_RETURN(std::shared_ptr<const shm::Arena> arena,
+                            FindArena(request->arena_id()));
+      MEFT_ASSIGN_OR_RETURN(server::GradientsCall call, FromProto(*request, arena.get()));
       MEFT_ASSIGN_OR_RETURN(server::GradientsReply reply, domain_->Gradients(call));
       ToProto(reply, response);
       return absl::OkStatus();
@@ -178,7 +173,28 @@ class RunningServer::Service final : public v1::ParamServer::Service {
     });
   }
 
+  grpc::Status AttachArena(grpc::ServerContext* context, const v1::AttachArenaRequest* request,
+                           v1::AttachArenaResponse* response) override {
+    return Handle(context, "AttachArena", *request, response, [&]() -> absl::Status {
+      if (!shm_allowed_) {
+        return absl::FailedPreconditionError(
+            "shared memory is off on this server (shm.attach: off, or auto on a non-loopback "
+            "listener); send tensors inline");
+      }
+      MEFT_ASSIGN_OR_RETURN(uint64_t id,
+                            arenas_.Attach(request->name(), request->size(), request->nonce()));
+      response->set_arena_id(id);
+      return absl::OkStatus();
+    });
+  }
+
  private:
+  // The arena a request names; null for id 0 (none).
+  absl::StatusOr<std::shared_ptr<const shm::Arena>> FindArena(uint64_t id) const {
+    if (id == 0) return std::shared_ptr<const shm::Arena>();
+    return arenas_.Find(id);
+  }
+
   // UNAUTHENTICATED unless the call carries `authorization: Bearer <token_>` (or no token is
   // configured). The message never echoes what the client sent.
   absl::Status Authorize(const grpc::ServerContext& context) const {
@@ -226,6 +242,8 @@ class RunningServer::Service final : public v1::ParamServer::Service {
   server::ParamServer* domain_;
   metrics::Registry* registry_;
   const std::string token_;  // "" = no authorization required
+  const bool shm_allowed_;   // AttachArena allowed
+  ArenaRegistry arenas_;
   metrics::Counter* bytes_in_ = nullptr;
   metrics::Counter* bytes_out_ = nullptr;
 };
@@ -276,7 +294,8 @@ absl::StatusOr<std::unique_ptr<RunningServer>> StartServer(const RpcOptions& opt
   }
   grpc::EnableDefaultHealthCheckService(true);
   std::unique_ptr<RunningServer> running(new RunningServer());
-  running->service_ = std::make_unique<RunningServer::Service>(domain, registry, std::move(token));
+  running->service_ = std::make_unique<RunningServer::Service>(domain, registry, std::move(token),
+                                                               ShmAttachAllowed(options));
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.listen, credentials, &running->port_);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);

@@ -11,9 +11,17 @@
 
 #include "absl/status/statusor.h"
 #include "common/metrics/metrics.h"
+#include "common/rpc/address.h"  // IsLoopback
 #include "param_server/server/param_server.h"
 
 namespace meft::rpc {
+
+// Whether workers may attach a shared-memory arena (AttachArena, the same-host transport).
+enum class ShmAttach {
+  kAuto,  // only when the listener is a loopback address
+  kOn,    // on any listener (the nonce check still proves the worker shares this host)
+  kOff,   // never: workers use tensors inline in gRPC messages
+};
 
 struct RpcOptions {
   std::string listen = "127.0.0.1:50051";  // HOST:PORT; port 0 picks a free port
@@ -28,10 +36,11 @@ struct RpcOptions {
   // meft.v1.ParamServer call must carry the metadata `authorization: Bearer <token>` or gets
   // UNAUTHENTICATED; the grpc.health.v1 service stays open. "" = no token.
   std::string token_file;
+  ShmAttach shm_attach = ShmAttach::kAuto;
 };
 
-// True for 127.0.0.0/8, ::1 and "localhost" hosts.
-bool IsLoopback(const std::string& listen);
+// Whether AttachArena is allowed under `options` (see ShmAttach).
+bool ShmAttachAllowed(const RpcOptions& options);
 
 // OK for a loopback listener, for a non-loopback one with TLS (cert and key) and a token, or
 // with `insecure`. Otherwise INVALID_ARGUMENT naming `listen` and each missing setting. Also

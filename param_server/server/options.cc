@@ -28,6 +28,9 @@ void RegisterFields(ServerConfig* c, config::FieldSet* f) {
   f->Add("auth.token_file", &c->auth_token_file,
          "file holding the bearer token every call must send as \"authorization: Bearer "
          "<token>\" (health checks excepted); \"\" = no token");
+  f->AddChoice("shm.attach", &c->shm_attach, {"auto", "on", "off"},
+               "let workers on this host send tensors through a shared-memory arena: auto = "
+               "only on a loopback listener, on = always, off = never (tensors go inline)");
   f->Add("restore", &c->restore,
          "checkpoint to load at start: a checkpoint-<step> folder, a folder holding them (newest "
          "wins), or \"latest\" for the newest under checkpoint_dir; \"\" = fresh init");

@@ -25,8 +25,9 @@ struct ServerConfig {
   bool insecure = false;
   std::string tls_cert;  // PEM paths; "" = plaintext
   std::string tls_key;
-  std::string tls_client_ca;    // "" = no client certificate asked
-  std::string auth_token_file;  // "" = calls need no token
+  std::string tls_client_ca;        // "" = no client certificate asked
+  std::string auth_token_file;      // "" = calls need no token
+  std::string shm_attach = "auto";  // auto | on | off: may workers attach a shared-memory arena
   std::string restore;
   // Adapter and selection.
   std::vector<uint32_t> layers = {0, 1};

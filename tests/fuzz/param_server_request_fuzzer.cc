@@ -3,14 +3,20 @@
 // with rpc::FromProto and handed to one small domain ParamServer that lives for the whole run.
 // A request must never crash the server, and a rejected request must leave StateDigest()
 // unchanged. Accepted requests do change the state, so later inputs meet a server that has
-// served lookups, accumulated gradients and taken steps.
+// served lookups, accumulated gradients and taken steps. A request with a non-zero arena_id is
+// converted against a real shared-memory arena whose bytes are the input itself, so tensor
+// spans and response regions (the same-host transport) are fuzzed too.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <optional>
 
+#include "common/shm/arena.h"
 #include "meft/v1/param_server.pb.h"
 #include "param_server/rpc/param_server_convert.h"
 #include "param_server/server/param_server.h"
@@ -19,8 +25,7 @@
 namespace {
 
 [[noreturn]] void Fail(const char* what, const absl::Status& status) {
-  std::fprintf(stderr, "param_server_request_fuzzer: %s (%s)\n", what,
-               status.ToString().c_str());
+  std::fprintf(stderr, "param_server_request_fuzzer: %s (%s)\n", what, status.ToString().c_str());
   std::abort();
 }
 
@@ -40,6 +45,26 @@ meft::server::ParamServer& Server() {
     return created->release();  // Lives for the process: libFuzzer never returns from main.
   }();
   return *server;
+}
+
+// The arena every request with an arena_id refers to; its bytes after the header are refilled
+// from each input.
+meft::shm::Arena& FuzzArena() {
+  static meft::shm::Arena* arena = [] {
+    auto created = meft::shm::Arena::Create(1 << 16);
+    if (!created.ok()) Fail("Arena::Create failed", created.status());
+    return created->release();
+  }();
+  return *arena;
+}
+
+const meft::shm::Arena* ArenaFor(uint64_t arena_id, const uint8_t* data, size_t size) {
+  if (arena_id == 0) return nullptr;
+  meft::shm::Arena& arena = FuzzArena();
+  for (uint64_t at = meft::shm::kHeaderBytes; at < arena.size(); at += size) {
+    std::memcpy(arena.data() + at, data, std::min<uint64_t>(size, arena.size() - at));
+  }
+  return &arena;
 }
 
 // Runs `call` and checks that a rejection left the state untouched.
@@ -64,20 +89,24 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (kind == 0) {
     meft::v1::LookupRequest request;
     if (!request.ParseFromArray(bytes, len)) return 0;
+    const meft::shm::Arena* arena = ArenaFor(request.arena_id(), data, size);
     Expect(server, [&]() -> absl::Status {
-      auto call = meft::rpc::FromProto(request);
+      auto call = meft::rpc::FromProto(request, arena);
       if (!call.ok()) return call.status();
+      auto region = meft::rpc::ResponseRegionFromProto(request, arena);
+      if (!region.ok()) return region.status();
       auto reply = server.Lookup(*call);
       if (!reply.ok()) return reply.status();
       meft::v1::LookupResponse response;
-      meft::rpc::ToProto(std::move(*reply), &response);
+      meft::rpc::ToProto(std::move(*reply), &response, region->has_value() ? &**region : nullptr);
       return absl::OkStatus();
     });
   } else if (kind == 1) {
     meft::v1::GradientsRequest request;
     if (!request.ParseFromArray(bytes, len)) return 0;
+    const meft::shm::Arena* arena = ArenaFor(request.arena_id(), data, size);
     Expect(server, [&]() -> absl::Status {
-      auto call = meft::rpc::FromProto(request);
+      auto call = meft::rpc::FromProto(request, arena);
       if (!call.ok()) return call.status();
       auto reply = server.Gradients(*call);
       if (!reply.ok()) return reply.status();

@@ -1,0 +1,348 @@
+// The worker's gRPC client with the same-host shared-memory transport against real in-process
+// parameter servers: answers bit-identical to the inline gRPC transport over a training step,
+// fallback and errors when the arena cannot be attached, re-attaching after the server lost it,
+// concurrent lookups, and answer tensors that outlive the client.
+
+#include "gpu_worker/rpc/shm_transport.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/metrics/metrics.h"
+#include "gpu_worker/rpc/grpc_param_client.h"
+#include "param_server/rpc/service.h"
+#include "param_server/server/param_server.h"
+
+namespace meft::worker {
+namespace {
+
+using ::testing::HasSubstr;
+using Transport = GrpcClientOptions::Transport;
+
+server::ServerOptions Options(int64_t dim = 32, int64_t rows = 256) {
+  server::ServerOptions o;
+  o.layers = {0, 1};
+  o.rows = rows;
+  o.dim = dim;
+  o.experts = 16;
+  o.selector.n_probe = 2;
+  o.selector.top_k = 4;
+  o.init.seed = 11;
+  return o;
+}
+
+struct Served {
+  metrics::Registry registry;
+  std::unique_ptr<server::ParamServer> domain;
+  std::unique_ptr<rpc::RunningServer> running;
+  std::string address;
+
+  // Successful AttachArena calls this server answered.
+  double Attaches() {
+    return registry
+        .AddCounter("meft_ps_requests_total", "Requests by method and status code",
+                    {{"method", "AttachArena"}, {"code", "OK"}})
+        .Value();
+  }
+};
+
+std::unique_ptr<Served> Serve(const server::ServerOptions& options,
+                              rpc::ShmAttach attach = rpc::ShmAttach::kAuto) {
+  auto s = std::make_unique<Served>();
+  auto domain = server::ParamServer::Create(options, &s->registry);
+  EXPECT_TRUE(domain.ok()) << domain.status();
+  if (!domain.ok()) return nullptr;
+  s->domain = std::move(*domain);
+  rpc::RpcOptions o;
+  o.listen = "127.0.0.1:0";
+  o.shm_attach = attach;
+  auto running = rpc::StartServer(o, s->domain.get(), &s->registry);
+  EXPECT_TRUE(running.ok()) << running.status();
+  if (!running.ok()) return nullptr;
+  s->running = std::move(*running);
+  s->address = "127.0.0.1:" + std::to_string(s->running->port());
+  return s;
+}
+
+std::unique_ptr<ParamClient> Client(const std::string& address, Transport transport,
+                                    uint64_t arena_bytes = 0) {
+  GrpcClientOptions o;
+  o.address = address;
+  o.deadline_seconds = 20;
+  o.transport = transport;
+  o.shm_arena_bytes = arena_bytes;
+  auto client = CreateGrpcParamClient(o);
+  EXPECT_TRUE(client.ok()) << client.status();
+  return client.ok() ? std::move(*client) : nullptr;
+}
+
+void ExpectSameTensor(const torch::Tensor& a, const torch::Tensor& b, const char* what) {
+  ASSERT_EQ(a.defined(), b.defined()) << what;
+  if (!a.defined()) return;
+  ASSERT_EQ(a.scalar_type(), b.scalar_type()) << what;
+  ASSERT_EQ(a.sizes(), b.sizes()) << what;
+  EXPECT_TRUE(torch::equal(a, b)) << what;
+}
+
+void ExpectSame(const LookupResult& a, const LookupResult& b) {
+  ExpectSameTensor(a.row_ids, b.row_ids, "row_ids");
+  ExpectSameTensor(a.keys, b.keys, "keys");
+  ExpectSameTensor(a.values, b.values, "values");
+  ExpectSameTensor(a.token_rows, b.token_rows, "token_rows");
+  ExpectSameTensor(a.token_gates, b.token_gates, "token_gates");
+  ExpectSameTensor(a.token_experts, b.token_experts, "token_experts");
+  ExpectSameTensor(a.expert_ids, b.expert_ids, "expert_ids");
+  ExpectSameTensor(a.router_rows, b.router_rows, "router_rows");
+  EXPECT_EQ(a.replayed, b.replayed);
+}
+
+torch::Tensor X(int64_t tokens, int64_t dim, uint64_t seed) {
+  torch::manual_seed(seed);
+  return torch::randn({tokens, dim});
+}
+
+// One training step through each client (lookups and gradients on both layers, norm, step) and
+// a lookup of the next step; every answer and the servers' states must match exactly.
+TEST(ShmTransportTest, TrainingStepIsBitIdenticalToGrpc) {
+  auto shm_server = Serve(Options());
+  auto grpc_server = Serve(Options());
+  ASSERT_TRUE(shm_server && grpc_server);
+  auto shm = Client(shm_server->address, Transport::kShm);
+  auto grpc = Client(grpc_server->address, Transport::kGrpc);
+  ASSERT_TRUE(shm && grpc);
+  const torch::Tensor mask = torch::tensor({1, 1, 1, 0, 1, 1, 1, 1}, torch::kUInt8);
+  for (uint32_t layer : {0u, 1u}) {
+    const StepHeader h{.step = 0, .micro_step = 0, .layer = layer};
+    const torch::Tensor x = X(8, 32, layer);
+    auto a = shm->Lookup(h, x, mask, /*training=*/true);
+    auto b = grpc->Lookup(h, x, mask, /*training=*/true);
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    ExpectSame(*a, *b);
+    EXPECT_EQ(a->keys.scalar_type(), torch::kBFloat16);  // bf16 rows by default
+    const int64_t n = a->row_ids.size(0);
+    torch::manual_seed(100 + layer);
+    const torch::Tensor kg = torch::randn({n, 32}), vg = torch::randn({n, 32});
+    const torch::Tensor gg = torch::randn({8, 4}) * a->token_rows.ge(0);
+    ASSERT_TRUE(shm->Gradients(h, kg, vg, gg).ok());
+    ASSERT_TRUE(grpc->Gradients(h, kg, vg, gg).ok());
+  }
+  auto na = shm->GradNorm(0);
+  auto nb = grpc->GradNorm(0);
+  ASSERT_TRUE(na.ok() && nb.ok());
+  EXPECT_EQ(*na, *nb);
+  EXPECT_GT(*na, 0.0);
+  ASSERT_TRUE(shm->Step(0, 1e-2, 1.0).ok());
+  ASSERT_TRUE(grpc->Step(0, 1e-2, 1.0).ok());
+  EXPECT_EQ(shm_server->domain->StateDigest(), grpc_server->domain->StateDigest());
+  for (uint32_t layer : {0u, 1u}) {
+    const StepHeader h{.step = 1, .micro_step = 0, .layer = layer};
+    const torch::Tensor x = X(8, 32, layer);
+    auto a = shm->Lookup(h, x, torch::Tensor(), true);
+    auto b = grpc->Lookup(h, x, torch::Tensor(), true);
+    ASSERT_TRUE(a.ok() && b.ok());
+    ExpectSame(*a, *b);
+  }
+  EXPECT_EQ(shm_server->Attaches(), 1.0);
+  EXPECT_EQ(grpc_server->Attaches(), 0.0);
+}
+
+TEST(ShmTransportTest, AutoUsesShmOnLoopbackAndFp32RowsMatch) {
+  auto served = Serve(Options());
+  ASSERT_TRUE(served);
+  GrpcClientOptions o;
+  o.address = served->address;
+  o.bf16_rows = false;
+  o.bf16_grads = true;
+  auto shm = CreateGrpcParamClient(o);  // transport defaults to auto
+  o.transport = Transport::kGrpc;
+  auto grpc = CreateGrpcParamClient(o);
+  ASSERT_TRUE(shm.ok() && grpc.ok());
+  const torch::Tensor x = X(5, 32, 3);
+  auto a = (*shm)->Lookup({.layer = 1}, x, torch::Tensor(), false);
+  auto b = (*grpc)->Lookup({.layer = 1}, x, torch::Tensor(), false);
+  ASSERT_TRUE(a.ok() && b.ok());
+  ExpectSame(*a, *b);
+  EXPECT_EQ(a->keys.scalar_type(), torch::kFloat32);
+  EXPECT_EQ(served->Attaches(), 1.0);
+}
+
+TEST(ShmTransportTest, AutoFallsBackToGrpcWhenTheServerRefusesShm) {
+  auto refusing = Serve(Options(), rpc::ShmAttach::kOff);
+  auto twin = Serve(Options());
+  ASSERT_TRUE(refusing && twin);
+  auto autod = Client(refusing->address, Transport::kAuto);
+  auto grpc = Client(twin->address, Transport::kGrpc);
+  const torch::Tensor x = X(6, 32, 5);
+  auto a = autod->Lookup({.layer = 0}, x, torch::Tensor(), false);
+  auto b = grpc->Lookup({.layer = 0}, x, torch::Tensor(), false);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  ExpectSame(*a, *b);
+  EXPECT_EQ(refusing->Attaches(), 0.0);
+
+  auto required = Client(refusing->address, Transport::kShm);
+  auto failed = required->Lookup({.layer = 0}, x, torch::Tensor(), false);
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kFailedPrecondition) << failed.status();
+  EXPECT_THAT(std::string(failed.status().message()), HasSubstr("meft.transport: shm"));
+  EXPECT_THAT(std::string(failed.status().message()), HasSubstr("shm.attach"));
+  // The error sticks: later calls fail the same way instead of silently going inline.
+  EXPECT_EQ(
+      required->Gradients({}, torch::zeros({1, 32}), torch::zeros({1, 32}), torch::Tensor()).code(),
+      absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(ShmTransportTest, ReattachesAfterTheServerRestarts) {
+  auto served = Serve(Options());
+  ASSERT_TRUE(served);
+  auto shm = Client(served->address, Transport::kShm);
+  const torch::Tensor x = X(4, 32, 9);
+  auto before = shm->Lookup({.layer = 0}, x, torch::Tensor(), false);
+  ASSERT_TRUE(before.ok()) << before.status();
+  EXPECT_EQ(served->Attaches(), 1.0);
+
+  // A new gRPC server on the same port knows no arenas, as after a process restart.
+  served->running->Shutdown(1.0);
+  metrics::Registry restarted_registry;
+  rpc::RpcOptions o;
+  o.listen = served->address;
+  auto restarted = rpc::StartServer(o, served->domain.get(), &restarted_registry);
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  absl::StatusOr<LookupResult> after = absl::UnavailableError("not called");
+  for (int i = 0; i < 100 && absl::IsUnavailable(after.status()); ++i) {
+    if (i > 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    after = shm->Lookup({.layer = 0}, x, torch::Tensor(), false);
+  }
+  ASSERT_TRUE(after.ok()) << after.status();
+  ExpectSame(*before, *after);
+  EXPECT_EQ(
+      restarted_registry
+          .AddCounter("meft_ps_requests_total", "", {{"method", "AttachArena"}, {"code", "OK"}})
+          .Value(),
+      1.0);
+  EXPECT_EQ(restarted_registry
+                .AddCounter("meft_ps_requests_total", "",
+                            {{"method", "Lookup"}, {"code", "FAILED_PRECONDITION"}})
+                .Value(),
+            1.0);
+  (*restarted)->Shutdown(1.0);
+}
+
+TEST(ShmTransportTest, ConcurrentLookupsMatchSequentialOnes) {
+  auto served = Serve(Options());
+  ASSERT_TRUE(served);
+  auto shm = Client(served->address, Transport::kShm);
+  auto grpc = Client(served->address, Transport::kGrpc);
+  constexpr int kThreads = 4, kPerThread = 12;
+  // Inputs made up front: torch's global generator is not for concurrent seeding.
+  std::map<std::pair<int, int>, torch::Tensor> inputs;
+  std::map<std::pair<int, int>, LookupResult> expected;
+  for (int t = 0; t < kThreads; ++t) {
+    for (int i = 0; i < kPerThread; ++i) {
+      inputs[{t, i}] = X(3 + i, 32, t * 100 + i);
+      auto r = grpc->Lookup({.layer = static_cast<uint32_t>(i % 2)}, inputs[{t, i}],
+                            torch::Tensor(), false);
+      ASSERT_TRUE(r.ok()) << r.status();
+      expected[{t, i}] = *r;
+    }
+  }
+  std::vector<std::map<int, LookupResult>> per_thread(kThreads);
+  std::vector<absl::Status> errors(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread && errors[t].ok(); ++i) {
+        auto r = shm->Lookup({.layer = static_cast<uint32_t>(i % 2)}, inputs.at({t, i}),
+                             torch::Tensor(), false);
+        if (!r.ok()) {
+          errors[t] = r.status();
+        } else {
+          per_thread[t][i] = *std::move(r);  // kept: later answers must not overwrite it
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < kThreads; ++t) {
+    ASSERT_TRUE(errors[t].ok()) << errors[t];
+    for (int i = 0; i < kPerThread; ++i) {
+      SCOPED_TRACE(testing::Message() << "thread " << t << " lookup " << i);
+      ExpectSame(per_thread[t][i], expected[{t, i}]);
+    }
+  }
+}
+
+TEST(ShmTransportTest, AnswersOutliveTheClient) {
+  auto served = Serve(Options());
+  ASSERT_TRUE(served);
+  const torch::Tensor x = X(7, 32, 21);
+  auto grpc = Client(served->address, Transport::kGrpc);
+  auto expected = grpc->Lookup({.layer = 1}, x, torch::Tensor(), false);
+  ASSERT_TRUE(expected.ok());
+  LookupResult kept;
+  {
+    auto shm = Client(served->address, Transport::kShm);
+    auto r = shm->Lookup({.layer = 1}, x, torch::Tensor(), false);
+    ASSERT_TRUE(r.ok()) << r.status();
+    kept = *r;
+  }
+  ExpectSame(kept, *expected);
+}
+
+TEST(ShmTransportTest, ArenaTooSmallForAnAnswer) {
+  // d = 1024, r = 512: the answer to 200 tokens may hold 512 rows, 2 MiB of bf16 keys and values.
+  auto served = Serve(Options(/*dim=*/1024, /*rows=*/512));
+  ASSERT_TRUE(served);
+  const torch::Tensor x = X(200, 1024, 2);
+  auto required = Client(served->address, Transport::kShm, /*arena_bytes=*/1 << 20);
+  auto failed = required->Lookup({.layer = 0}, x, torch::Tensor(), false);
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kResourceExhausted) << failed.status();
+  EXPECT_THAT(std::string(failed.status().message()), HasSubstr("meft.shm_arena_mb"));
+  // auto sends that answer inline instead, and the result is the same as over gRPC.
+  auto autod = Client(served->address, Transport::kAuto, 1 << 20);
+  auto grpc = Client(served->address, Transport::kGrpc);
+  auto a = autod->Lookup({.layer = 0}, x, torch::Tensor(), false);
+  auto b = grpc->Lookup({.layer = 0}, x, torch::Tensor(), false);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  ExpectSame(*a, *b);
+  GrpcClientOptions bad;
+  bad.shm_arena_bytes = 1000;
+  EXPECT_THAT(std::string(CreateGrpcParamClient(bad).status().message()),
+              HasSubstr("meft.shm_arena_mb"));
+}
+
+TEST(ShmTransportTest, SizeBoundsFollowTheServerDescription) {
+  ServerDescription d;
+  d.dim = 4096;
+  d.rows = 8464;
+  d.top_k = 64;
+  d.n_probe = 8;
+  d.experts = 368;
+  d.max_rows = 2000;
+  d.max_tokens = 512;
+  // 2000 rows of bf16 K and V, ids, three [512, 64] slot tensors, 368 experts' ids and rows.
+  const uint64_t expected = 64 + 8000 + 2 * 2000 * 8192 + 3 * 512 * 64 * 4 + 1472 + 368 * 8192;
+  EXPECT_EQ(ResponseBytesBound(d, 512, 2), expected);
+  d.per_token = false;
+  EXPECT_EQ(ResponseBytesBound(d, 512, 2), 64 + 8000 + 2 * 2000 * 8192);
+  d.max_rows = 0;
+  d.rows = 131072;
+  d.max_tokens = 8192;
+  EXPECT_EQ(DefaultArenaBytes(d, 2), uint64_t{4} << 30);  // capped
+  d.dim = 8;
+  d.rows = 64;
+  d.max_tokens = 16;
+  EXPECT_EQ(DefaultArenaBytes(d, 2), uint64_t{64} << 20);  // at least 64 MiB
+}
+
+}  // namespace
+}  // namespace meft::worker
