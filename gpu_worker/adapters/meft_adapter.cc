@@ -2,19 +2,43 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <chrono>
+#include <exception>
 #include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
 
 namespace meft::worker {
 namespace {
 
+using Clock = std::chrono::steady_clock;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-LookupResult LookupOrThrow(ParamClient* client, const StepHeader& h, const torch::Tensor& q,
-                           const torch::Tensor& mask, bool training) {
-  auto r = client->Lookup(h, q, mask, training);
-  TORCH_CHECK(r.ok(), std::string(r.status().message()));
-  return *std::move(r);
+double SecondsSince(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Runs `fn` on a new thread (or, if no thread can be created, when first waited for). `fn` must
+// not throw: it returns a Status.
+template <typename Fn>
+auto Background(Fn fn) -> std::shared_future<decltype(fn())> {
+  return std::async(std::launch::async | std::launch::deferred, std::move(fn)).share();
+}
+
+// A client call that reports an exception from a substitute client as a Status, so none crosses
+// a thread.
+template <typename Call>
+auto Guarded(const char* method, Call call) -> decltype(call()) {
+  try {
+    return call();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat(method, ": ", e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat(method, ": ", e.what()));
+  }
 }
 
 // The rows of a lookup moved to `device` as fp32, with slot indices made safe for gather.
@@ -56,13 +80,17 @@ class MeftFunction : public torch::autograd::Function<MeftFunction> {
  public:
   // `anchor` is a scalar that requires grad, so backward runs (and gradients reach the server)
   // even when nothing upstream of x is trainable.
+  // `fetched`: the answer of a lookup already made (overlap), or null to look up here.
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor q,
                                torch::Tensor mask, torch::Tensor /*anchor*/, MeftAdapter* adapter,
-                               int64_t layer) {
+                               int64_t layer, const LookupResult* fetched) {
     const ServerDescription& server = adapter->server();
     const StepHeader h = adapter->header(layer);
-    const LookupResult r = LookupOrThrow(adapter->client(), h, q, mask, /*training=*/true);
+    const LookupResult r =
+        fetched != nullptr ? *fetched : adapter->Fetch(h, q, mask, /*training=*/true);
+    const auto transfer_start = Clock::now();
     const DeviceRows rows = ToDevice(r, x.device(), server.per_token, server.gated);
+    adapter->AddTransferSeconds(SecondsSince(transfer_start));
     const torch::Tensor y = Coefficients(rows, x.to(torch::kFloat32), q.to(torch::kFloat32), mask,
                                          server.per_token, server.gated)
                                 .matmul(rows.values);
@@ -94,8 +122,10 @@ class MeftFunction : public torch::autograd::Function<MeftFunction> {
     if (saved.size() > 3) {
       rows = {saved[3], saved[4], saved[5], saved[6], saved[7], saved[8]};
     } else {
-      const LookupResult r = LookupOrThrow(adapter->client(), h, q, mask, /*training=*/true);
+      const LookupResult r = adapter->Fetch(h, q, mask, /*training=*/true);
+      const auto transfer_start = Clock::now();
       rows = ToDevice(r, x.device(), server.per_token, server.gated);
+      adapter->AddTransferSeconds(SecondsSince(transfer_start));
     }
     const torch::Tensor xf = x.to(torch::kFloat32);
     const torch::Tensor qf = q.to(torch::kFloat32);
@@ -132,12 +162,12 @@ class MeftFunction : public torch::autograd::Function<MeftFunction> {
     }
     const torch::Tensor dkeys = dscore_full.t().matmul(xf);
     const torch::Tensor dvalues = coeff.t().matmul(dy);
-    const absl::Status sent = adapter->client()->Gradients(h, dkeys, dvalues, gate_grads);
-    TORCH_CHECK(sent.ok(), std::string(sent.message()));
+    adapter->SendGradients(h, dkeys, dvalues, gate_grads);
 
     const torch::Tensor dx = dscore_full.matmul(rows.keys).to(x.scalar_type());
     return {dx,
             dq.defined() ? dq.to(q.scalar_type()) : torch::Tensor(),
+            torch::Tensor(),
             torch::Tensor(),
             torch::Tensor(),
             torch::Tensor(),
@@ -175,20 +205,96 @@ MeftAdapter::MeftAdapter(ParamClient* client, const ServerDescription& server,
                          const MeftAdapterOptions& options)
     : client_(client), server_(server), options_(options) {}
 
+MeftAdapter::~MeftAdapter() {
+  DropPendingLookups();
+  for (const SentGradients& s : sent_gradients_) s.done.wait();
+  if (pending_step_.has_value()) pending_step_->wait();
+}
+
 void MeftAdapter::BeginMicroBatch(uint64_t step, uint32_t micro_step, bool training) {
+  DropPendingLookups();
+  if (!training && pending_step_.has_value()) {
+    // Evaluation lookups do not wait for steps on the server: wait here. The reply stays for
+    // WaitForStep or GradNorm to report.
+    const auto start = Clock::now();
+    pending_step_->wait();
+    RecordWait(SecondsSince(start));
+  }
   step_ = step;
   micro_step_ = micro_step;
   training_ = training;
   recent_inputs_.clear();
+  ready_layer_ = -1;
+  ready_input_ = ready_token_mask_ = ready_x_ = ready_mask_ = torch::Tensor();
+}
+
+bool MeftAdapter::Owns(int64_t layer) const {
+  return std::find(server_.layers.begin(), server_.layers.end(), static_cast<uint32_t>(layer)) !=
+         server_.layers.end();
+}
+
+std::pair<torch::Tensor, torch::Tensor> MeftAdapter::Flatten(int64_t layer,
+                                                             const torch::Tensor& ffn_input,
+                                                             const torch::Tensor& token_mask) {
+  if (layer == ready_layer_ && ffn_input.is_same(ready_input_) &&
+      token_mask.is_same(ready_token_mask_)) {
+    return {ready_x_, ready_mask_};
+  }
+  const int64_t d = ffn_input.size(-1);
+  ready_layer_ = layer;
+  ready_input_ = ffn_input;
+  ready_token_mask_ = token_mask;
+  ready_x_ = ffn_input.reshape({-1, d});
+  ready_mask_ = token_mask.defined()
+                    ? token_mask.reshape({-1}).ne(0)
+                    : torch::ones({ready_x_.size(0)}, ready_x_.options().dtype(torch::kBool));
+  return {ready_x_, ready_mask_};
+}
+
+void MeftAdapter::FfnInputReady(int64_t layer, const torch::Tensor& ffn_input,
+                                const torch::Tensor& token_mask) {
+  // Lookups still pending from an earlier pass (one that failed) are stale.
+  if (layer <= ready_layer_) DropPendingLookups();
+  const auto [x, mask] = Flatten(layer, ffn_input, token_mask);
+  if (!options_.overlap) return;
+  // The lookup of layer l uses the input of layer l - p; layers below p use their own.
+  const int64_t p = options_.prefetch_layers;
+  if ((p == 0 || layer < p) && Owns(layer)) Launch(layer, x, mask);
+  if (p > 0 && Owns(layer + p)) Launch(layer + p, x, mask);
+}
+
+void MeftAdapter::Launch(int64_t layer, const torch::Tensor& q, const torch::Tensor& mask) {
+  if (auto it = pending_lookups_.find(layer); it != pending_lookups_.end()) {
+    it->second.result.wait();
+    pending_lookups_.erase(it);
+  }
+  {
+    std::lock_guard lock(timings_mu_);
+    ++timings_.lookups;
+  }
+  const StepHeader h = header(layer);
+  const bool training = training_;
+  auto result = Background([this, h, q = q.detach(), mask, training] {
+    const auto start = Clock::now();
+    absl::StatusOr<LookupResult> r =
+        Guarded("Lookup", [&] { return client_->Lookup(h, q, mask, training); });
+    RecordCall(SecondsSince(start));
+    return r;
+  });
+  pending_lookups_[layer] = {q, mask, std::move(result)};
+}
+
+void MeftAdapter::DropPendingLookups() {
+  if (pending_lookups_.empty()) return;
+  const auto start = Clock::now();
+  for (const auto& [layer, pending] : pending_lookups_) pending.result.wait();
+  pending_lookups_.clear();
+  RecordWait(SecondsSince(start));
 }
 
 torch::Tensor MeftAdapter::FfnDelta(int64_t layer, const torch::Tensor& ffn_input,
                                     const torch::Tensor& token_mask) {
-  const int64_t d = ffn_input.size(-1);
-  const torch::Tensor x = ffn_input.reshape({-1, d});
-  const torch::Tensor mask = token_mask.defined()
-                                 ? token_mask.reshape({-1}).ne(0)
-                                 : torch::ones({x.size(0)}, x.options().dtype(torch::kBool));
+  const auto [x, mask] = Flatten(layer, ffn_input, token_mask);
   // The query: this layer's input, or that of layer - p when the window holds it.
   torch::Tensor q = x;
   const int64_t p = options_.prefetch_layers;
@@ -199,24 +305,160 @@ torch::Tensor MeftAdapter::FfnDelta(int64_t layer, const torch::Tensor& ffn_inpu
     recent_inputs_.emplace_back(layer, x);
     while (static_cast<int64_t>(recent_inputs_.size()) > p) recent_inputs_.pop_front();
   }
-  const bool owned = std::find(server_.layers.begin(), server_.layers.end(),
-                               static_cast<uint32_t>(layer)) != server_.layers.end();
-  if (!owned) return {};
+  if (!Owns(layer)) return {};
+
+  // With overlap the lookup was started by FfnInputReady (of this layer or of layer - p).
+  std::optional<LookupResult> fetched;
+  if (auto it = pending_lookups_.find(layer); it != pending_lookups_.end()) {
+    const PendingLookup pending = std::move(it->second);
+    pending_lookups_.erase(it);
+    q = pending.query;
+    const auto start = Clock::now();
+    const absl::StatusOr<LookupResult>& r = pending.result.get();
+    RecordWait(SecondsSince(start));
+    TORCH_CHECK(r.ok(), std::string(r.status().message()));
+    fetched = *r;
+  }
 
   torch::Tensor y;
   if (training_) {
     if (!anchor_.defined()) anchor_ = torch::zeros({}, torch::requires_grad());
-    y = MeftFunction::apply(x, q, mask, anchor_, this, layer);
+    y = MeftFunction::apply(x, q, mask, anchor_, this, layer,
+                            fetched.has_value() ? &*fetched : nullptr);
   } else {
     torch::NoGradGuard no_grad;
-    const LookupResult r = LookupOrThrow(client_, header(layer), q, mask, /*training=*/false);
+    const LookupResult r =
+        fetched.has_value() ? *fetched : Fetch(header(layer), q, mask, /*training=*/false);
+    const auto transfer_start = Clock::now();
     const DeviceRows rows = ToDevice(r, x.device(), server_.per_token, server_.gated);
+    AddTransferSeconds(SecondsSince(transfer_start));
     y = Coefficients(rows, x.to(torch::kFloat32), q.to(torch::kFloat32), mask, server_.per_token,
                      server_.gated)
             .matmul(rows.values)
             .to(x.scalar_type());
   }
   return y.reshape(ffn_input.sizes());
+}
+
+LookupResult MeftAdapter::Fetch(const StepHeader& h, const torch::Tensor& q,
+                                const torch::Tensor& mask, bool training) {
+  {
+    std::lock_guard lock(timings_mu_);
+    ++timings_.lookups;
+  }
+  const auto start = Clock::now();
+  absl::StatusOr<LookupResult> r = client_->Lookup(h, q, mask, training);
+  const double seconds = SecondsSince(start);
+  RecordCall(seconds);
+  RecordWait(seconds);
+  TORCH_CHECK(r.ok(), std::string(r.status().message()));
+  return *std::move(r);
+}
+
+void MeftAdapter::SendGradients(const StepHeader& h, const torch::Tensor& key_grads,
+                                const torch::Tensor& value_grads, const torch::Tensor& gate_grads) {
+  {
+    std::lock_guard lock(timings_mu_);
+    ++timings_.gradient_sends;
+  }
+  if (!options_.overlap) {
+    const auto start = Clock::now();
+    const absl::Status sent = client_->Gradients(h, key_grads, value_grads, gate_grads);
+    const double seconds = SecondsSince(start);
+    RecordCall(seconds);
+    RecordWait(seconds);
+    TORCH_CHECK(sent.ok(), std::string(sent.message()));
+    return;
+  }
+  std::shared_future<absl::Status> previous;
+  if (auto it = last_send_.find(h.layer); it != last_send_.end()) previous = it->second;
+  auto done =
+      Background([this, h, k = key_grads.detach(), v = value_grads.detach(),
+                  g = gate_grads.defined() ? gate_grads.detach() : torch::Tensor(), previous] {
+        if (previous.valid()) previous.wait();
+        const auto start = Clock::now();
+        absl::Status sent = Guarded("Gradients", [&] { return client_->Gradients(h, k, v, g); });
+        RecordCall(SecondsSince(start));
+        return sent;
+      });
+  last_send_[h.layer] = done;
+  sent_gradients_.push_back({h, std::move(done)});
+}
+
+absl::Status MeftAdapter::FinishBackward() {
+  absl::Status first;
+  if (sent_gradients_.empty()) return first;
+  const auto start = Clock::now();
+  for (const SentGradients& s : sent_gradients_) {
+    const absl::Status& sent = s.done.get();
+    if (!sent.ok() && first.ok()) first = sent;
+  }
+  RecordWait(SecondsSince(start));
+  sent_gradients_.clear();
+  last_send_.clear();
+  return first;
+}
+
+absl::StatusOr<double> MeftAdapter::GradNorm(uint64_t step) {
+  if (absl::Status s = WaitForStep(); !s.ok()) return s;
+  const auto start = Clock::now();
+  absl::StatusOr<double> norm = client_->GradNorm(step);
+  const double seconds = SecondsSince(start);
+  RecordCall(seconds);
+  RecordWait(seconds);
+  return norm;
+}
+
+absl::Status MeftAdapter::Step(uint64_t step, double lr, double clip_factor) {
+  if (absl::Status s = WaitForStep(); !s.ok()) return s;
+  {
+    std::lock_guard lock(timings_mu_);
+    ++timings_.steps;
+  }
+  if (!options_.overlap) {
+    const auto start = Clock::now();
+    absl::Status s = client_->Step(step, lr, clip_factor);
+    const double seconds = SecondsSince(start);
+    RecordCall(seconds);
+    RecordWait(seconds);
+    return s;
+  }
+  pending_step_ = Background([this, step, lr, clip_factor] {
+    const auto start = Clock::now();
+    absl::Status s = Guarded("Step", [&] { return client_->Step(step, lr, clip_factor); });
+    RecordCall(SecondsSince(start));
+    return s;
+  });
+  return absl::OkStatus();
+}
+
+absl::Status MeftAdapter::WaitForStep() {
+  if (!pending_step_.has_value()) return absl::OkStatus();
+  const auto start = Clock::now();
+  absl::Status s = pending_step_->get();
+  RecordWait(SecondsSince(start));
+  pending_step_.reset();
+  return s;
+}
+
+MeftTimings MeftAdapter::TakeTimings() {
+  std::lock_guard lock(timings_mu_);
+  return std::exchange(timings_, MeftTimings{});
+}
+
+void MeftAdapter::AddTransferSeconds(double seconds) {
+  std::lock_guard lock(timings_mu_);
+  timings_.transfer_seconds += seconds;
+}
+
+void MeftAdapter::RecordCall(double seconds) {
+  std::lock_guard lock(timings_mu_);
+  timings_.call_seconds += seconds;
+}
+
+void MeftAdapter::RecordWait(double seconds) {
+  std::lock_guard lock(timings_mu_);
+  timings_.wait_seconds += seconds;
 }
 
 }  // namespace meft::worker

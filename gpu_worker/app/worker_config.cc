@@ -52,6 +52,9 @@ void RegisterWorkerFields(WorkerConfig* c, config::FieldSet* f) {
   f->SetRange("meft.prefetch_layers", 0, 1 << 10);
   f->Add("meft.refetch_in_backward", &c->refetch_in_backward,
          "re-fetch rows in backward instead of keeping them on the device");
+  f->Add("meft.overlap", &c->overlap,
+         "overlap server calls with compute: lookups run during the base FFN (and prefetched "
+         "layers), gradients and Step in the background; false = synchronous (same results)");
   f->Add("meft.bf16_rows", &c->bf16_rows, "receive rows as bf16 (else fp32)");
   f->Add("meft.timeout_seconds", &c->server_timeout_seconds, "deadline of one call to the server");
   f->SetRange("meft.timeout_seconds", 0.001, 86400);
@@ -218,7 +221,8 @@ absl::StatusOr<std::unique_ptr<WorkerSession>> OpenSession(const WorkerConfig& c
     s->meft = std::make_unique<MeftAdapter>(
         s->client.get(), server,
         MeftAdapterOptions{.prefetch_layers = c.prefetch_layers,
-                           .refetch_in_backward = c.refetch_in_backward});
+                           .refetch_in_backward = c.refetch_in_backward,
+                           .overlap = c.overlap});
     s->target.hooks = s->meft.get();
     s->target.meft = s->meft.get();
     s->target.server = s->client.get();

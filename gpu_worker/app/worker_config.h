@@ -47,6 +47,7 @@ struct WorkerConfig {
   std::string server = "127.0.0.1:50051";
   int64_t prefetch_layers = 0;
   bool refetch_in_backward = false;
+  bool overlap = true;  // server calls overlap compute (see MeftAdapterOptions::overlap)
   bool bf16_rows = true;
   double server_timeout_seconds = 600;
   std::string tls_ca;              // PEM CA that signed the server's certificate; "" = plaintext

@@ -40,6 +40,8 @@ struct ServerDescription {
   uint64_t step = 0;
 };
 
+// Thread safety: implementations must allow concurrent calls (the MEFT adapter's overlap issues
+// Lookup and Gradients for different layers, and Step, from background threads).
 class ParamClient {
  public:
   virtual ~ParamClient() = default;

@@ -17,6 +17,13 @@ class AdapterHooks {
  public:
   virtual ~AdapterHooks() = default;
 
+  // Called with the same ffn_input and token_mask as FfnDelta (see there) before the base FFN of
+  // `layer` runs, so that an adapter can start work (MEFT: the server lookup) that overlaps the
+  // base FFN and later layers. The decoder calls it for every layer, in ascending order, once per
+  // Forward; FfnDelta(layer) follows it. Adapters must also work when it is not called.
+  virtual void FfnInputReady(int64_t /*layer*/, const torch::Tensor& /*ffn_input*/,
+                             const torch::Tensor& /*token_mask*/) {}
+
   // ffn_input: the post-attention RMSNorm output of `layer`, [B, T, d] in the model's dtype;
   // token_mask: [B, T] int64 on the model's device (1 = real token, 0 = padding).
   // Returns a tensor broadcastable to [B, T, d] that is added to the FFN output before the

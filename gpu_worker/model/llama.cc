@@ -303,6 +303,7 @@ torch::Tensor LlamaModel::Forward(const torch::Tensor& input_ids,
     h = h + Project(attn, l.o_proj, li, kOProj, hooks);
 
     x = RmsNorm(h, l.post_attention_layernorm, c.rms_norm_eps);
+    if (hooks != nullptr) hooks->FfnInputReady(li, x, mask);
     torch::Tensor gate = torch::silu(Project(x, l.gate_proj, li, kGateProj, hooks));
     torch::Tensor up = Project(x, l.up_proj, li, kUpProj, hooks);
     torch::Tensor ffn = Project(gate * up, l.down_proj, li, kDownProj, hooks);

@@ -108,6 +108,17 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const LlamaModel* model
 }
 
 absl::StatusOr<StepStats> Trainer::TrainStep() {
+  absl::StatusOr<StepStats> stats = TrainStepOrError();
+  if (!stats.ok() && target_.meft != nullptr) {
+    // Settle the background server calls. A failed Step of the previous optimizer step is the
+    // cause of whatever failed after it (its lookups time out), so it is reported instead.
+    target_.meft->FinishBackward().IgnoreError();
+    MEFT_RETURN_IF_ERROR(target_.meft->WaitForStep());
+  }
+  return stats;
+}
+
+absl::StatusOr<StepStats> Trainer::TrainStepOrError() {
   const auto start = Clock::now();
   StepStats stats;
   const int64_t warmup =
@@ -136,8 +147,9 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
     // Global norm over every adapter gradient, then the optimizer step.
     double squared = adamw_ ? adamw_->SquaredGradNorm() : 0.0;
     if (target_.adapter == "meft") {
+      MEFT_RETURN_IF_ERROR(target_.meft->FinishBackward());
       MEFT_ASSIGN_OR_RETURN(const double server_sq,
-                            target_.server->GradNorm(static_cast<uint64_t>(step_)));
+                            target_.meft->GradNorm(static_cast<uint64_t>(step_)));
       squared += server_sq;
     }
     stats.grad_norm = std::sqrt(squared);
@@ -149,7 +161,8 @@ absl::StatusOr<StepStats> Trainer::TrainStep() {
       return absl::DataLossError(absl::StrCat("step ", step_, ": gradient norm is not finite"));
     }
     if (target_.adapter == "meft") {
-      MEFT_RETURN_IF_ERROR(target_.server->Step(static_cast<uint64_t>(step_), stats.lr, clip));
+      // With overlap this returns at once; the next step's GradNorm waits for the reply.
+      MEFT_RETURN_IF_ERROR(target_.meft->Step(static_cast<uint64_t>(step_), stats.lr, clip));
     } else {
       adamw_->Step(stats.lr, clip);
     }
@@ -200,7 +213,7 @@ absl::StatusOr<std::vector<StepStats>> Trainer::Run(
                    FormatDuration(eta).c_str(), tty && !(step_ == options_.max_steps) ? "" : "\n");
       std::fflush(stderr);
     }
-    if (after_step) MEFT_RETURN_IF_ERROR(after_step(stats));
+    if (after_step) MEFT_RETURN_IF_ERROR(after_step(stats));  // evaluation waits for the Step
     const bool save_now = options_.save_every > 0 && step_ % options_.save_every == 0;
     if (!options_.output_dir.empty() && (save_now || step_ == options_.max_steps)) {
       MEFT_ASSIGN_OR_RETURN(const std::string path, SaveCheckpoint());
@@ -209,6 +222,7 @@ absl::StatusOr<std::vector<StepStats>> Trainer::Run(
       }
     }
   }
+  if (target_.meft != nullptr) MEFT_RETURN_IF_ERROR(target_.meft->WaitForStep());
   return history;
 }
 
@@ -228,6 +242,7 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
   json config = {{"adapter", target_.adapter}};
   try {
     if (target_.adapter == "meft") {
+      MEFT_RETURN_IF_ERROR(target_.meft->WaitForStep());
       // The adapter itself lives on the server: it writes its own checkpoint-<step>/.
       MEFT_ASSIGN_OR_RETURN(const std::string server_path, target_.server->SaveCheckpoint(""));
       state["server_checkpoint"] = server_path;

@@ -79,7 +79,10 @@ class Trainer {
 
  private:
   Trainer(const LlamaModel* model, TrainTarget target, DataLoader* loader, TrainerOptions options);
+  // One optimizer step; on failure settles the MEFT adapter's background server calls.
   absl::StatusOr<StepStats> TrainStep();
+
+  absl::StatusOr<StepStats> TrainStepOrError();
 
   const LlamaModel* model_;
   TrainTarget target_;

@@ -557,7 +557,7 @@ absl::StatusOr<StepReply> ParamServer::Step(const StepCall& call) {
   StepReply reply;
   for (Layer* layer : layers) {
     std::unique_lock params_lock(layer->params_mu);
-    std::lock_guard state_lock(layer->state_mu);
+    std::unique_lock state_lock(layer->state_mu);
     store::LayerStore& st = layer->store;
     if (st.step == call.step + 1) {  // replay
       reply.rows_updated += layer->last_step.rows_updated;
@@ -588,6 +588,11 @@ absl::StatusOr<StepReply> ParamServer::Step(const StepCall& call) {
     reply.rows_updated += mine.rows_updated;
     reply.router_rows_updated += mine.router_rows_updated;
     layer->step_cv.notify_all();
+    if (options_.on_layer_stepped) {
+      state_lock.unlock();
+      params_lock.unlock();
+      options_.on_layer_stepped(layer->id, call.step);
+    }
   }
   reply.already_applied = all_applied;
   reply.server_step = call.step + 1;

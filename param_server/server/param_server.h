@@ -13,7 +13,9 @@
 //
 // Ordering rule (DESIGN §3): a training lookup of step s is answered only when the layer's
 // optimizer step is s; a lookup that arrives early waits (up to step_wait_seconds) for Step(s-1)
-// to finish, so all lookups of one optimizer step see one parameter version.
+// to finish, so all lookups of one optimizer step see one parameter version. Step updates the
+// layers one at a time in ascending order (the order the next forward needs them) and answers a
+// layer's waiting lookups as soon as that layer is done, while it updates the later ones.
 
 #include <atomic>
 #include <condition_variable>
@@ -59,6 +61,9 @@ struct ServerOptions {
   double step_wait_seconds = 30.0;    // how long an early lookup waits for the previous Step
   int64_t max_pending_lookups = 256;  // per layer: training lookups awaiting their gradients
   std::optional<kernels::Isa> isa;    // kernels to use; unset = the best the CPU supports
+  // Called by Step after each layer's update is applied and its waiting lookups are woken, with no
+  // lock held (layer id, the step applied). For tests and tracing; may be empty.
+  std::function<void(uint32_t layer, uint64_t step)> on_layer_stepped;
 };
 
 struct RequestHeader {

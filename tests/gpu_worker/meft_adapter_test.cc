@@ -5,6 +5,8 @@
 
 #include <torch/torch.h>
 
+#include <mutex>
+
 #include "gmock/gmock.h"
 #include "gpu_worker/rpc/grpc_param_client.h"
 #include "gtest/gtest.h"
@@ -16,7 +18,8 @@ namespace {
 
 using ::testing::HasSubstr;
 
-// Forwards to a real client and records what crosses the wire.
+// Forwards to a real client and records what crosses the wire. Calls may come from the adapter's
+// background threads (overlap); read the records after FinishBackward.
 class RecordingClient : public ParamClient {
  public:
   explicit RecordingClient(ParamClient* inner) : inner_(inner) {}
@@ -26,15 +29,19 @@ class RecordingClient : public ParamClient {
   };
   absl::StatusOr<LookupResult> Lookup(const StepHeader& h, const torch::Tensor& x,
                                       const torch::Tensor& mask, bool training) override {
-    queries.push_back(x.detach().clone());
     auto r = inner_->Lookup(h, x, mask, training);
+    std::lock_guard lock(mu_);
+    queries.push_back(x.detach().clone());
     if (r.ok()) lookups.push_back(*r);
     return r;
   }
   absl::Status Gradients(const StepHeader& h, const torch::Tensor& k, const torch::Tensor& v,
                          const torch::Tensor& g) override {
-    sent.push_back(
-        {h, k.detach().clone(), v.detach().clone(), g.defined() ? g.detach().clone() : g});
+    {
+      std::lock_guard lock(mu_);
+      sent.push_back(
+          {h, k.detach().clone(), v.detach().clone(), g.defined() ? g.detach().clone() : g});
+    }
     return inner_->Gradients(h, k, v, g);
   }
   absl::StatusOr<double> GradNorm(uint64_t step) override { return inner_->GradNorm(step); }
@@ -54,6 +61,7 @@ class RecordingClient : public ParamClient {
   std::vector<Sent> sent;
 
  private:
+  std::mutex mu_;  // guards the records
   ParamClient* inner_;
 };
 
@@ -138,6 +146,7 @@ TEST_P(MeftAdapterTest, OutputAndGradientsEqualDenseComputationOnTheSameRows) {
   const torch::Tensor y = adapter.FfnDelta(0, x, mask);
   ASSERT_TRUE(y.defined());
   (y * w).sum().backward();
+  ASSERT_TRUE(adapter.FinishBackward().ok());
 
   ASSERT_EQ(s->client->lookups.size(), c.refetch ? 2u : 1u);
   if (c.refetch) {
@@ -215,6 +224,7 @@ TEST(MeftAdapterPrefetchTest, QueryIsAnEarlierLayersInputAndItsGradientFlows) {
   const torch::Tensor y0 = adapter.FfnDelta(0, x0, {});
   const torch::Tensor y1 = adapter.FfnDelta(1, x1, {});
   (y0.sum() + (y1 * y1).sum()).backward();
+  ASSERT_TRUE(adapter.FinishBackward().ok());
   ASSERT_EQ(s->client->queries.size(), 2u);
   EXPECT_TRUE(torch::equal(s->client->queries[1], x0.detach().reshape({3, 8})))
       << "layer 1 must be looked up with layer 0's input";

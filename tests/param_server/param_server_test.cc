@@ -5,8 +5,10 @@
 
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
 #include <future>
+#include <optional>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -83,6 +85,68 @@ TEST(ParamServerTest, PendingLookupsAreBounded) {
   LookupCall eval = c.Call(0, 2);
   eval.training = false;
   EXPECT_TRUE((*server)->Lookup(eval).ok()) << "evaluation lookups are never kept";
+}
+
+// Overlap (DESIGN §3): Step updates layers in ascending order and answers a layer's next lookup
+// as soon as that layer is done. The hook pauses Step(0) right after layer 0: a lookup of layer 0
+// for step 1 must be answered then, with the updated parameters, while the lookup of layer 1 for
+// step 1 (sent before the Step) is still held back. Without per-layer release the early lookup
+// would time out after step_wait_seconds and the test would fail; nothing here depends on speed.
+TEST(ParamServerTest, StepAnswersEachLayersNextLookupAsSoonAsThatLayerIsUpdated) {
+  ServerOptions o = Small();
+  o.layers = {0, 1};
+  o.step_wait_seconds = 30;
+  const Tokens t = MakeTokens(0.5f);
+  auto call = [&](uint64_t step, uint32_t layer, bool training) {
+    LookupCall c = t.Call(step, 0);
+    c.header.layer = layer;
+    c.training = training;
+    c.row_dtype = wire::DType::kFp32;
+    return c;
+  };
+  ParamServer* server = nullptr;
+  std::future<absl::StatusOr<LookupReply>> late1;
+  std::optional<absl::StatusOr<LookupReply>> early0;
+  bool late1_held_back = false;
+  o.on_layer_stepped = [&](uint32_t layer, uint64_t step) {
+    if (layer != 0 || step != 0) return;
+    early0 = std::async(std::launch::async, [&] { return server->Lookup(call(1, 0, true)); }).get();
+    late1_held_back = late1.wait_for(std::chrono::seconds(0)) == std::future_status::timeout;
+  };
+  auto created = ParamServer::Create(o, nullptr);
+  ASSERT_TRUE(created.ok()) << created.status();
+  server = created->get();
+  // Step 0: a lookup and gradients on both layers, so Step changes the values.
+  for (uint32_t layer : {0u, 1u}) {
+    auto r = server->Lookup(call(0, layer, true));
+    ASSERT_TRUE(r.ok()) << r.status();
+    const int64_t n = r->row_ids.shape[0];
+    // Only the values move, so step 1 selects the same rows.
+    std::vector<float> kg(n * 4, 0.0f), vg(n * 4, -0.5f), gg(2 * 3, 0.0f);
+    const std::string kb(reinterpret_cast<const char*>(kg.data()), kg.size() * 4);
+    const std::string vb(reinterpret_cast<const char*>(vg.data()), vg.size() * 4);
+    const std::string gb(reinterpret_cast<const char*>(gg.data()), gg.size() * 4);
+    ASSERT_TRUE(server
+                    ->Gradients({{0, 0, layer},
+                                 {wire::DType::kFp32, {n, 4}, kb},
+                                 {wire::DType::kFp32, {n, 4}, vb},
+                                 wire::WireTensor{wire::DType::kFp32, {2, 3}, gb}})
+                    .ok());
+  }
+  late1 = std::async(std::launch::async, [&] { return server->Lookup(call(1, 1, true)); });
+  auto stepped = server->Step({0, 0.1, 1.0, {}});
+  ASSERT_TRUE(stepped.ok()) << stepped.status();
+
+  ASSERT_TRUE(early0.has_value()) << "the hook did not run after layer 0";
+  ASSERT_TRUE(early0->ok()) << early0->status();
+  EXPECT_TRUE(late1_held_back) << "layer 1 answered step 1 before its own update";
+  const absl::StatusOr<LookupReply> late = late1.get();
+  ASSERT_TRUE(late.ok()) << late.status();
+  // The early answer already carries layer 0's updated values (V was 0 before the Step).
+  auto after = server->Lookup(call(1, 0, false));
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ((*early0)->values.data, after->values.data);
+  EXPECT_NE((*early0)->values.data, std::string(after->values.data.size(), '\0'));
 }
 
 TEST(ParamServerTest, CheckpointPathsFromRequestsStayInsideCheckpointDir) {
