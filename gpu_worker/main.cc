@@ -4,8 +4,10 @@
 //   eval        generate answers for data.eval and score them (predictions.jsonl, metrics.json)
 //   generate    answer one prompt
 
+#include <signal.h>
 #include <torch/torch.h>
 
+#include <atomic>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -68,7 +70,21 @@ absl::StatusOr<meft::worker::EvaluateResult> RunEvaluation(
                                 });
 }
 
+// Set by the first SIGTERM/SIGINT during training: the trainer writes a checkpoint and stops
+// before the next optimizer step. A second signal terminates at once (SA_RESETHAND).
+std::atomic<bool> stop_requested{false};
+
+void InstallStopHandler() {
+  struct sigaction action = {};
+  action.sa_handler = [](int) { stop_requested.store(true); };
+  action.sa_flags = SA_RESETHAND | SA_RESTART;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
+}
+
 absl::Status Train(const WorkerConfig& c, const std::string& resume) {
+  InstallStopHandler();
   MEFT_ASSIGN_OR_RETURN(auto s, meft::worker::OpenSession(c));
   MEFT_ASSIGN_OR_RETURN(auto examples, meft::worker::LoadJsonl(c.train_file));
   MEFT_ASSIGN_OR_RETURN(auto tokenized,
@@ -83,9 +99,11 @@ absl::Status Train(const WorkerConfig& c, const std::string& resume) {
       auto loader, meft::worker::DataLoader::Create(
                        std::move(tokenized.examples), s->tokenizer->pad_id(),
                        {.micro_batch_size = c.micro_batch_size, .shuffle = true, .seed = c.seed}));
+  meft::worker::TrainerOptions trainer_options = meft::worker::MakeTrainerOptions(c);
+  trainer_options.stop_requested = [] { return stop_requested.load(); };
   MEFT_ASSIGN_OR_RETURN(auto trainer,
                         meft::worker::Trainer::Create(s->model.get(), s->target, loader.get(),
-                                                      meft::worker::MakeTrainerOptions(c)));
+                                                      std::move(trainer_options)));
   if (!resume.empty()) {
     MEFT_RETURN_IF_ERROR(trainer->Resume(resume));
     spdlog::info("resumed from {} at step {}", resume, trainer->step());
@@ -105,6 +123,7 @@ absl::Status Train(const WorkerConfig& c, const std::string& resume) {
         PrintSummary(result.summary, absl::StrCat("eval at step ", stats.step));
         return absl::OkStatus();
       }));
+  if (stop_requested.load()) spdlog::info("stopped by a signal at step {}", trainer->step());
   double seconds = 0;
   for (const auto& h : history) seconds += h.seconds;
   std::printf("trained %zu steps in %.1f s; final loss %.4f; checkpoints under %s\n",

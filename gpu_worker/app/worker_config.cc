@@ -8,6 +8,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/status.h"
+#include "gpu_worker/app/server_connect.h"
 #include "gpu_worker/rpc/grpc_param_client.h"
 
 namespace meft::worker {
@@ -52,6 +53,13 @@ void RegisterWorkerFields(WorkerConfig* c, config::FieldSet* f) {
   f->SetRange("meft.prefetch_layers", 0, 1 << 10);
   f->Add("meft.refetch_in_backward", &c->refetch_in_backward,
          "re-fetch rows in backward instead of keeping them on the device");
+  f->Add("meft.servers", &c->servers,
+         "several parameter servers (shards owning disjoint layers), e.g. [HOST:PORT, HOST:PORT]; "
+         "replaces meft.server");
+  f->Add("meft.reconnect_timeout_seconds", &c->reconnect_timeout_seconds,
+         "how long to wait (exponential backoff) for a parameter server that went away or is "
+         "loading its store; 0 = fail at once");
+  f->SetRange("meft.reconnect_timeout_seconds", 0, 1e7);
   f->Add("meft.overlap", &c->overlap,
          "overlap server calls with compute: lookups run during the base FFN (and prefetched "
          "layers), gradients and Step in the background; false = synchronous (same results)");
@@ -145,6 +153,7 @@ TrainerOptions MakeTrainerOptions(const WorkerConfig& c) {
 absl::StatusOr<std::unique_ptr<WorkerSession>> OpenSession(const WorkerConfig& c) {
   auto s = std::make_unique<WorkerSession>();
   torch::Device device = torch::kCPU;
+  o.reconnect_timeout_seconds = c.reconnect_timeout_seconds;
   if (c.device == "cuda" || (c.device == "auto" && torch::cuda::is_available())) {
     if (!torch::cuda::is_available()) {
       return absl::FailedPreconditionError("device: cuda, but this LibTorch has no CUDA device");
@@ -187,28 +196,19 @@ absl::StatusOr<std::unique_ptr<WorkerSession>> OpenSession(const WorkerConfig& c
     MEFT_ASSIGN_OR_RETURN(co.transport, ParseTransport(c.transport));
     co.shm_arena_bytes = uint64_t{c.shm_arena_mb} << 20;
     co.shm_pin = c.shm_pin;
-    MEFT_ASSIGN_OR_RETURN(s->client, CreateGrpcParamClient(co));
-    auto described = s->client->Describe();
-    if (absl::IsUnavailable(described.status()) || absl::IsDeadlineExceeded(described.status())) {
-      return absl::UnavailableError(
-          absl::StrCat("meft.server: cannot reach the parameter server at ", c.server,
-                       " (start meft-param-server first): ", described.status().message()));
-    }
-    if (!described.ok()) {
-      return absl::Status(described.status().code(),
-                          absl::StrCat("meft.server: ", described.status().message()));
-    }
-    ServerDescription server = *described;
+    MEFT_ASSIGN_OR_RETURN(ConnectedServers connected, ConnectParamServers(c, co));
+    s->client = std::move(connected.client);
+    ServerDescription server = connected.description;
     if (server.dim != d) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "meft.server: the parameter server at ", c.server, " has d = ", server.dim,
+          connected.key, ": the parameter server at ", connected.addresses, " has d = ", server.dim,
           " but the model's hidden_size is ", d, " (start it with --adapter-dim ", d, ")"));
     }
     for (uint32_t l : server.layers) {
       if (l >= mc.num_hidden_layers) {
         return absl::FailedPreconditionError(
-            absl::StrCat("meft.server: the parameter server owns layer ", l, " but the model has ",
-                         mc.num_hidden_layers, " layers"));
+            absl::StrCat(connected.key, ": the parameter server owns layer ", l,
+                         " but the model has ", mc.num_hidden_layers, " layers"));
       }
     }
     if (!c.layers.empty()) {

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -55,11 +56,26 @@ class ParamClient {
                                  const torch::Tensor& gate_grads) = 0;
   // Squared norm of the gradients accumulated for `step` over every layer the server owns.
   virtual absl::StatusOr<double> GradNorm(uint64_t step) = 0;
+  // The same per owned layer, ascending layer id: a client over several servers adds these in
+  // layer order so its total is bit-identical to one server owning every layer. The default
+  // answers UNIMPLEMENTED.
+  virtual absl::StatusOr<std::vector<std::pair<uint32_t, double>>> LayerGradNorms(uint64_t step) {
+    (void)step;
+    return absl::UnimplementedError("LayerGradNorms: not supported by this client");
+  }
   virtual absl::Status Step(uint64_t step, double lr, double clip_factor) = 0;
   // Returns the checkpoint folder written.
   virtual absl::StatusOr<std::string> SaveCheckpoint(const std::string& directory) = 0;
   virtual absl::Status RestoreCheckpoint(const std::string& path) = 0;
   virtual absl::StatusOr<ServerDescription> Describe() = 0;
+  // The optimizer step training can continue from after a server restarted from its last
+  // checkpoint: the server's step (over several servers, the lowest; the others are then rolled
+  // back by RestoreCheckpoint). UNAVAILABLE while a server cannot be reached or is loading.
+  virtual absl::StatusOr<uint64_t> RestartStep() {
+    absl::StatusOr<ServerDescription> d = Describe();
+    if (!d.ok()) return d.status();
+    return d->step;
+  }
 };
 
 }  // namespace meft::worker

@@ -102,6 +102,12 @@ class GrpcParamClient final : public ParamClient {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(options.max_message_bytes);
     args.SetMaxSendMessageSize(options.max_message_bytes);
+    // Calls fail fast with UNAVAILABLE while the server is down (no wait_for_ready), and the
+    // channel retries the connection at least every second, so a restarted server on the same
+    // address is found soon (gRPC's default backoff grows to two minutes).
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 250);
+    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 250);
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
     stub_ = v1::ParamServer::NewStub(
         grpc::CreateCustomChannel(options.address, std::move(credentials), args));
   }
@@ -201,6 +207,23 @@ class GrpcParamClient final : public ParamClient {
     v1::GradNormResponse response;
     MEFT_RETURN_IF_ERROR(Call("GradNorm", &v1::ParamServer::Stub::GradNorm, request, &response));
     return response.squared_norm();
+  }
+
+  absl::StatusOr<std::vector<std::pair<uint32_t, double>>> LayerGradNorms(uint64_t step) override {
+    v1::GradNormRequest request;
+    request.set_step(step);
+    v1::GradNormResponse response;
+    MEFT_RETURN_IF_ERROR(Call("GradNorm", &v1::ParamServer::Stub::GradNorm, request, &response));
+    if (response.layers_size() != response.layer_squared_norms_size()) {
+      return absl::DataLossError(
+          absl::StrCat("server answer layer_squared_norms: ", response.layer_squared_norms_size(),
+                       " norms for ", response.layers_size(), " layers"));
+    }
+    std::vector<std::pair<uint32_t, double>> out;
+    for (int i = 0; i < response.layers_size(); ++i) {
+      out.emplace_back(response.layers(i), response.layer_squared_norms(i));
+    }
+    return out;
   }
 
   absl::Status Step(uint64_t step, double lr, double clip_factor) override {

@@ -14,6 +14,7 @@
 #include "common/io/file_util.h"
 #include "common/safetensors/safetensors.h"
 #include "common/status.h"
+#include "gpu_worker/client/sharded_param_client.h"
 #include "nlohmann/json.hpp"
 
 namespace meft::worker {
@@ -60,6 +61,17 @@ absl::StatusOr<std::vector<std::pair<std::string, torch::Tensor>>> ReadTensors(
     out.emplace_back(info.name, t);
   }
   return out;
+}
+
+// One parameter server: "server_checkpoint": PATH; several shards: "server_checkpoints":
+// [PATH, ...] in meft.servers order.
+void RecordServerCheckpoints(const std::string& joined, json* out) {
+  const std::vector<std::string> paths = SplitShardCheckpoints(joined);
+  if (paths.size() == 1) {
+    (*out)["server_checkpoint"] = paths[0];
+  } else {
+    (*out)["server_checkpoints"] = paths;
+  }
 }
 
 }  // namespace
@@ -193,7 +205,22 @@ absl::StatusOr<std::vector<StepStats>> Trainer::Run(
   int64_t tokens = 0;
   double smoothed = 0.0;
   while (step_ < options_.max_steps) {
-    MEFT_ASSIGN_OR_RETURN(StepStats stats, TrainStep());
+    if (options_.stop_requested && options_.stop_requested()) {
+      std::fprintf(stderr, "%sstop requested at step %lld\n", tty ? "\n" : "",
+                   static_cast<long long>(step_));
+      if (!options_.output_dir.empty()) {
+        MEFT_ASSIGN_OR_RETURN(const std::string path, SaveCheckpoint());
+        std::fprintf(stderr, "checkpoint %s (continue with --resume %s)\n", path.c_str(),
+                     path.c_str());
+      }
+      break;
+    }
+    absl::StatusOr<StepStats> attempt = TrainStep();
+    if (!attempt.ok()) {
+      MEFT_RETURN_IF_ERROR(RecoverFromServerLoss(attempt.status(), &history));
+      continue;
+    }
+    const StepStats stats = *attempt;
     history.push_back(stats);
     tokens += stats.tokens;
     smoothed = history.size() == 1 ? stats.loss : 0.9 * smoothed + 0.1 * stats.loss;
@@ -245,8 +272,8 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
       MEFT_RETURN_IF_ERROR(target_.meft->WaitForStep());
       // The adapter itself lives on the server: it writes its own checkpoint-<step>/.
       MEFT_ASSIGN_OR_RETURN(const std::string server_path, target_.server->SaveCheckpoint(""));
-      state["server_checkpoint"] = server_path;
-      config["server_checkpoint"] = server_path;
+      RecordServerCheckpoints(server_path, &state);
+      RecordServerCheckpoints(server_path, &config);
     } else {
       MEFT_RETURN_IF_ERROR(
           WriteTensors(absl::StrCat(tmp_dir, "/adapter_model.safetensors"), target_.local)
@@ -281,6 +308,18 @@ absl::Status LoadAdapterCheckpoint(const std::string& dir, const TrainTarget& ta
         " but this run uses ", target.adapter));
   }
   if (target.adapter == "meft") {
+    if (state.contains("server_checkpoints")) {
+      const json& list = state["server_checkpoints"];
+      std::vector<std::string> paths;
+      for (const json& p : list.is_array() ? list : json::array()) {
+        if (p.is_string()) paths.push_back(p.get<std::string>());
+      }
+      if (!list.is_array() || paths.size() != list.size() || paths.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            state_path, ": field \"server_checkpoints\" is not a non-empty list of paths"));
+      }
+      return target.server->RestoreCheckpoint(JoinShardCheckpoints(paths));
+    }
     if (!state.contains("server_checkpoint") || !state["server_checkpoint"].is_string()) {
       return absl::InvalidArgumentError(
           absl::StrCat(state_path, ": field \"server_checkpoint\" is missing"));

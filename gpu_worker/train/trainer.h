@@ -43,6 +43,12 @@ struct TrainerOptions {
   int64_t save_every = 0;      // steps between checkpoints; 0 = only at the end
   std::string output_dir;      // checkpoint-<step>/ folders go here ("" = no checkpoints)
   bool progress = true;        // progress bar on stderr
+  // meft: when the parameter server goes away mid-training, how long to wait for it (exponential
+  // backoff) before resuming from output_dir/checkpoint-<the step it restarted at>/; 0 = fail.
+  double reconnect_timeout_seconds = 0;
+  // Polled before every optimizer step (may be empty); true = write a checkpoint (when
+  // output_dir is set) and return, e.g. after SIGTERM.
+  std::function<bool()> stop_requested;
 };
 
 struct StepStats {
@@ -81,7 +87,11 @@ class Trainer {
   Trainer(const LlamaModel* model, TrainTarget target, DataLoader* loader, TrainerOptions options);
   // One optimizer step; on failure settles the MEFT adapter's background server calls.
   absl::StatusOr<StepStats> TrainStep();
-
+  // After a failed step: when the parameter server is gone (or came back at another step),
+  // waits for it, resumes from the worker checkpoint matching the step it restarted at and drops
+  // the statistics of the steps after it from `history`. Otherwise returns `failure`.
+  // Defined in recovery.cc.
+  absl::Status RecoverFromServerLoss(const absl::Status& failure, std::vector<StepStats>* history);
   absl::StatusOr<StepStats> TrainStepOrError();
 
   const LlamaModel* model_;

@@ -15,6 +15,7 @@
 #include "gtest/gtest.h"
 #include "param_server/rpc/service.h"
 #include "param_server/server/param_server.h"
+#include "tests/gpu_worker/tiny_dataset.h"
 
 namespace meft::worker {
 namespace {
@@ -55,18 +56,7 @@ TEST(LossTest, CausalShiftAndIgnoreIndex) {
   EXPECT_NEAR(loss.item<double>(), std::log(1 + std::exp(2.0)), 1e-6);  // -log softmax([2,0])[1]
 }
 
-// A tiny next-token task over the golden model's vocabulary: fixed question -> answer pairs.
-std::vector<TokenizedExample> TinyDataset(int64_t n) {
-  std::vector<TokenizedExample> out;
-  for (int64_t i = 0; i < n; ++i) {
-    TokenizedExample e;
-    e.input_ids = {1, 10 + i % 7, 20 + i % 5, 40 + (i * 7) % 30, 2};
-    e.labels = {kIgnoreIndex, kIgnoreIndex, kIgnoreIndex, e.input_ids[3], 2};
-    e.prompt_length = 3;
-    out.push_back(e);
-  }
-  return out;
-}
+using test_data::TinyDataset;
 
 struct World {
   std::unique_ptr<LlamaModel> model;

@@ -1,0 +1,197 @@
+#include "gpu_worker/client/sharded_param_client.h"
+
+#include <algorithm>
+#include <functional>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "common/status.h"
+
+namespace meft::worker {
+namespace {
+
+// The fields every shard must agree on, by name, for error messages.
+std::vector<std::pair<const char*, int64_t>> SharedFields(const ServerDescription& d) {
+  return {{"rows (r)", d.rows},         {"dim (d)", d.dim},
+          {"experts (E)", d.experts},   {"n_probe", d.n_probe},
+          {"top_k", d.top_k},           {"max_rows", d.max_rows},
+          {"max_tokens", d.max_tokens}, {"mode (per_token)", d.per_token ? 1 : 0},
+          {"gated", d.gated ? 1 : 0},   {"step", static_cast<int64_t>(d.step)}};
+}
+
+}  // namespace
+
+absl::StatusOr<ServerDescription> MergeShardDescriptions(
+    const std::vector<std::string>& addresses, const std::vector<ServerDescription>& descriptions) {
+  if (descriptions.empty() || descriptions.size() != addresses.size()) {
+    return absl::InvalidArgumentError("meft.servers: no parameter server given");
+  }
+  ServerDescription merged = descriptions[0];
+  std::map<uint32_t, size_t> owner;
+  for (size_t i = 0; i < descriptions.size(); ++i) {
+    const auto want = SharedFields(descriptions[0]);
+    const auto got = SharedFields(descriptions[i]);
+    for (size_t f = 0; f < want.size(); ++f) {
+      if (want[f].second != got[f].second) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "meft.servers: the parameter servers ", addresses[0], " and ", addresses[i],
+            " disagree on ", want[f].first, ": ", want[f].second, " vs ", got[f].second));
+      }
+    }
+    for (uint32_t l : descriptions[i].layers) {
+      const auto [it, inserted] = owner.emplace(l, i);
+      if (!inserted) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("meft.servers: layer ", l, " is owned by both ", addresses[it->second],
+                         " and ", addresses[i], "; give each server a disjoint adapter.layers"));
+      }
+    }
+  }
+  merged.layers.clear();
+  for (const auto& [l, i] : owner) merged.layers.push_back(l);
+  return merged;
+}
+
+std::string JoinShardCheckpoints(const std::vector<std::string>& paths) {
+  return absl::StrJoin(paths, "\n");
+}
+
+std::vector<std::string> SplitShardCheckpoints(const std::string& joined) {
+  return absl::StrSplit(joined, '\n');
+}
+
+absl::StatusOr<std::unique_ptr<ShardedParamClient>> ShardedParamClient::Create(
+    std::vector<ParamShard> shards) {
+  if (shards.empty()) return absl::InvalidArgumentError("meft.servers: no parameter server given");
+  std::unique_ptr<ShardedParamClient> c(new ShardedParamClient(std::move(shards)));
+  for (const ParamShard& s : c->shards_) c->addresses_.push_back(s.address);
+  MEFT_ASSIGN_OR_RETURN(const std::vector<ServerDescription> all, c->DescribeAll());
+  MEFT_ASSIGN_OR_RETURN(const ServerDescription merged, MergeShardDescriptions(c->addresses_, all));
+  for (size_t i = 0; i < all.size(); ++i) {
+    for (uint32_t l : all[i].layers) c->owner_[l] = i;
+  }
+  c->layers_ = merged.layers;
+  return c;
+}
+
+absl::StatusOr<std::vector<ServerDescription>> ShardedParamClient::DescribeAll() const {
+  std::vector<ServerDescription> out(shards_.size());
+  MEFT_RETURN_IF_ERROR(ForEachShard([&](size_t i) -> absl::Status {
+    MEFT_ASSIGN_OR_RETURN(out[i], shards_[i].client->Describe());
+    return absl::OkStatus();
+  }));
+  return out;
+}
+
+absl::Status ShardedParamClient::ForEachShard(const std::function<absl::Status(size_t)>& fn) const {
+  std::vector<absl::Status> results(shards_.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 1; i < shards_.size(); ++i) {
+    threads.emplace_back([&results, &fn, i] { results[i] = fn(i); });
+  }
+  results[0] = fn(0);
+  for (std::thread& t : threads) t.join();
+  for (const absl::Status& s : results) MEFT_RETURN_IF_ERROR(s);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ParamClient*> ShardedParamClient::Owner(uint32_t layer) const {
+  const auto it = owner_.find(layer);
+  if (it == owner_.end()) {
+    return absl::NotFoundError(absl::StrCat("layer ", layer, ": no parameter server in [",
+                                            absl::StrJoin(addresses_, ", "), "] owns it"));
+  }
+  return shards_[it->second].client.get();
+}
+
+absl::StatusOr<LookupResult> ShardedParamClient::Lookup(const StepHeader& header,
+                                                        const torch::Tensor& x,
+                                                        const torch::Tensor& token_mask,
+                                                        bool training) {
+  MEFT_ASSIGN_OR_RETURN(ParamClient * owner, Owner(header.layer));
+  return owner->Lookup(header, x, token_mask, training);
+}
+
+absl::Status ShardedParamClient::Gradients(const StepHeader& header, const torch::Tensor& key_grads,
+                                           const torch::Tensor& value_grads,
+                                           const torch::Tensor& gate_grads) {
+  MEFT_ASSIGN_OR_RETURN(ParamClient * owner, Owner(header.layer));
+  return owner->Gradients(header, key_grads, value_grads, gate_grads);
+}
+
+absl::StatusOr<std::vector<std::pair<uint32_t, double>>> ShardedParamClient::LayerGradNorms(
+    uint64_t step) {
+  std::vector<std::vector<std::pair<uint32_t, double>>> per_shard(shards_.size());
+  MEFT_RETURN_IF_ERROR(ForEachShard([&](size_t i) -> absl::Status {
+    MEFT_ASSIGN_OR_RETURN(per_shard[i], shards_[i].client->LayerGradNorms(step));
+    return absl::OkStatus();
+  }));
+  std::vector<std::pair<uint32_t, double>> all;
+  for (const auto& norms : per_shard) all.insert(all.end(), norms.begin(), norms.end());
+  std::sort(all.begin(), all.end());
+  return all;
+}
+
+absl::StatusOr<double> ShardedParamClient::GradNorm(uint64_t step) {
+  if (shards_.size() == 1) return shards_[0].client->GradNorm(step);
+  MEFT_ASSIGN_OR_RETURN(const auto norms, LayerGradNorms(step));
+  // Ascending layer order from 0.0, exactly as one server sums its layers.
+  double total = 0.0;
+  for (const auto& [layer, norm] : norms) total += norm;
+  return total;
+}
+
+absl::Status ShardedParamClient::Step(uint64_t step, double lr, double clip_factor) {
+  return ForEachShard([&](size_t i) { return shards_[i].client->Step(step, lr, clip_factor); });
+}
+
+absl::StatusOr<std::string> ShardedParamClient::SaveCheckpoint(const std::string& directory) {
+  std::vector<std::string> paths(shards_.size());
+  MEFT_RETURN_IF_ERROR(ForEachShard([&](size_t i) -> absl::Status {
+    MEFT_ASSIGN_OR_RETURN(paths[i], shards_[i].client->SaveCheckpoint(directory));
+    return absl::OkStatus();
+  }));
+  return JoinShardCheckpoints(paths);
+}
+
+absl::Status ShardedParamClient::RestoreCheckpoint(const std::string& path) {
+  const std::vector<std::string> paths = SplitShardCheckpoints(path);
+  if (paths.size() != shards_.size()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the checkpoint records ", paths.size(), " server checkpoint(s) but ",
+                     shards_.size(), " parameter servers are configured (meft.servers)"));
+  }
+  return ForEachShard([&](size_t i) { return shards_[i].client->RestoreCheckpoint(paths[i]); });
+}
+
+absl::StatusOr<ServerDescription> ShardedParamClient::Describe() {
+  MEFT_ASSIGN_OR_RETURN(const std::vector<ServerDescription> all, DescribeAll());
+  MEFT_ASSIGN_OR_RETURN(ServerDescription merged, MergeShardDescriptions(addresses_, all));
+  if (merged.layers != layers_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "meft.servers: the servers now own layers [", absl::StrJoin(merged.layers, ","), "], not [",
+        absl::StrJoin(layers_, ","), "] as when the worker connected"));
+  }
+  for (size_t i = 0; i < all.size(); ++i) {
+    for (uint32_t l : all[i].layers) {
+      const size_t was = owner_.at(l);  // present: the layer sets are equal
+      if (was != i) {
+        return absl::FailedPreconditionError(absl::StrCat("meft.servers: layer ", l, " moved from ",
+                                                          addresses_[was], " to ", addresses_[i],
+                                                          " since the worker connected"));
+      }
+    }
+  }
+  return merged;
+}
+
+absl::StatusOr<uint64_t> ShardedParamClient::RestartStep() {
+  MEFT_ASSIGN_OR_RETURN(const std::vector<ServerDescription> all, DescribeAll());
+  uint64_t lowest = all[0].step;
+  for (const ServerDescription& d : all) lowest = std::min(lowest, d.step);
+  return lowest;
+}
+
+}  // namespace meft::worker

@@ -1,0 +1,61 @@
+// Trainer::RecoverFromServerLoss: continuing after the parameter server was killed and restarted
+// from its last checkpoint (DESIGN §7).
+
+#include <algorithm>
+#include <cstdio>
+
+#include "absl/strings/str_cat.h"
+#include "common/io/file_util.h"
+#include "common/status.h"
+#include "gpu_worker/client/retry.h"
+#include "gpu_worker/train/trainer.h"
+
+namespace meft::worker {
+
+absl::Status Trainer::RecoverFromServerLoss(const absl::Status& failure,
+                                            std::vector<StepStats>* history) {
+  if (target_.adapter != "meft" || options_.reconnect_timeout_seconds <= 0) return failure;
+  // A failure of the step's own (bad data, a server-side error) leaves the server up at this
+  // step; a lost server is unreachable, or answers again from an earlier step.
+  const absl::StatusOr<uint64_t> probe = target_.server->RestartStep();
+  const bool lost = absl::IsUnavailable(failure) || absl::IsUnavailable(probe.status()) ||
+                    (probe.ok() && static_cast<int64_t>(*probe) != step_);
+  if (!lost) return failure;
+  std::fprintf(stderr, "\nparameter server lost at step %lld: %s\n", static_cast<long long>(step_),
+               std::string(failure.message()).c_str());
+  uint64_t server_step = 0;
+  BackoffOptions backoff;
+  backoff.timeout_seconds = options_.reconnect_timeout_seconds;
+  const absl::Status back = RetryWhileUnavailable(
+      [&]() -> absl::Status {
+        MEFT_ASSIGN_OR_RETURN(server_step, target_.server->RestartStep());
+        return absl::OkStatus();
+      },
+      backoff,
+      [](const absl::Status&, double seconds) {
+        std::fprintf(stderr, "server unavailable; retrying in %g s\n", seconds);
+      });
+  if (!back.ok()) {
+    return absl::Status(back.code(),
+                        absl::StrCat("the parameter server did not come back within "
+                                     "meft.reconnect_timeout_seconds = ",
+                                     options_.reconnect_timeout_seconds, ": ", back.message()));
+  }
+  const std::string dir = absl::StrCat(options_.output_dir, "/checkpoint-", server_step);
+  if (options_.output_dir.empty() || !io::PathExists(absl::StrCat(dir, "/trainer_state.json"))) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the parameter server came back at step ", server_step,
+                     " but training was at step ", step_, " and there is no worker checkpoint ",
+                     options_.output_dir.empty() ? "(output_dir is not set)" : dir,
+                     " to resume from; restart the server from a checkpoint the worker also has"));
+  }
+  std::fprintf(stderr, "server back at step %llu; resuming from %s\n",
+               static_cast<unsigned long long>(server_step), dir.c_str());
+  MEFT_RETURN_IF_ERROR(Resume(dir));
+  history->erase(std::remove_if(history->begin(), history->end(),
+                                [&](const StepStats& s) { return s.step > step_; }),
+                 history->end());
+  return absl::OkStatus();
+}
+
+}  // namespace meft::worker
