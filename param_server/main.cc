@@ -62,9 +62,16 @@ absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
         exposer, meft::metrics::Exposer::Start(MetricsAddress(config.listen, config.metrics_port),
                                                registry));
   }
+  // Listen first, so health checks see NOT_SERVING (and calls UNAVAILABLE "store loading")
+  // while the store is initialised or restored, which takes minutes at 7B scale. `server` is
+  // declared first so that `running`, which answers with it, is destroyed before it.
+  std::unique_ptr<meft::server::ParamServer> server;
+  MEFT_ASSIGN_OR_RETURN(auto running, meft::rpc::StartServer(rpc_options, nullptr, &registry));
+  spdlog::info("listening on {} with port {}; health NOT_SERVING until the store is loaded",
+               config.listen, running->port());
   spdlog::info("initialising {} layers of r={} d={}", options.layers.size(), options.rows,
                options.dim);
-  MEFT_ASSIGN_OR_RETURN(auto server, meft::server::ParamServer::Create(options, &registry));
+  MEFT_ASSIGN_OR_RETURN(server, meft::server::ParamServer::Create(options, &registry));
   const meft::server::ServerInfo info = server->Info();
   spdlog::info("store ready: layers {}, r={}, d={}, E={}, n_probe={}, top_k={}, kernels {}",
                absl::StrJoin(info.layers, ","), info.rows, info.dim, info.experts, info.n_probe,
@@ -92,7 +99,7 @@ absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
     }
   }
 
-  MEFT_ASSIGN_OR_RETURN(auto running, meft::rpc::StartServer(rpc_options, server.get(), &registry));
+  running->SetReady(server.get());
   // Scripts and tests parse this line: keep "(port N)" and ", metrics on URL" as they are.
   spdlog::info("serving meft.v1.ParamServer on {} (port {}){}", config.listen, running->port(),
                exposer ? absl::StrCat(", metrics on http://",

@@ -5,6 +5,7 @@
 #include <grpcpp/server_builder.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <exception>
 #include <fstream>
@@ -165,6 +166,12 @@ class RunningServer::Service final : public v1::ParamServer::Service {
     });
   }
 
+  // From now on calls are answered by `domain` (not null), which must outlive the service.
+  void SetReady(server::ParamServer* domain) {
+    domain_ = domain;
+    ready_.store(true, std::memory_order_release);
+  }
+
   grpc::Status ServerInfo(grpc::ServerContext* context, const v1::ServerInfoRequest* request,
                           v1::ServerInfoResponse* response) override {
     return Handle(context, "ServerInfo", *request, response, [&]() -> absl::Status {
@@ -220,6 +227,11 @@ class RunningServer::Service final : public v1::ParamServer::Service {
   grpc::Status Handle(const grpc::ServerContext* context, const char* method,
                       const Request& request, Response* response, Body body) {
     absl::Status status = Authorize(*context);
+    if (status.ok() && !ready_.load(std::memory_order_acquire)) {
+      status = absl::UnavailableError(
+          "store loading: the parameter server is initialising or restoring its store; retry "
+          "when the health check reports SERVING");
+    }
     if (status.ok()) {
       try {
         status = body();
@@ -239,7 +251,8 @@ class RunningServer::Service final : public v1::ParamServer::Service {
     return ToGrpcStatus(status);
   }
 
-  server::ParamServer* domain_;
+  server::ParamServer* domain_;  // written once, before ready_ is set
+  std::atomic<bool> ready_{false};
   metrics::Registry* registry_;
   const std::string token_;  // "" = no authorization required
   const bool shm_allowed_;   // AttachArena allowed
@@ -309,10 +322,20 @@ absl::StatusOr<std::unique_ptr<RunningServer>> StartServer(const RpcOptions& opt
   }
   grpc::HealthCheckServiceInterface* health = running->server_->GetHealthCheckService();
   if (health != nullptr) {
+    health->SetServingStatus("", false);
+    health->SetServingStatus(kServiceName, false);
+  }
+  if (domain != nullptr) running->SetReady(domain);
+  return running;
+}
+
+void RunningServer::SetReady(server::ParamServer* domain) {
+  service_->SetReady(domain);
+  grpc::HealthCheckServiceInterface* health = server_ ? server_->GetHealthCheckService() : nullptr;
+  if (health != nullptr) {
     health->SetServingStatus("", true);
     health->SetServingStatus(kServiceName, true);
   }
-  return running;
 }
 
 }  // namespace meft::rpc

@@ -55,6 +55,10 @@ class RunningServer {
   void Shutdown(double grace_seconds);
   // Blocks until Shutdown.
   void Wait();
+  // Starts answering with `domain` (not null; it must outlive the server) and reports SERVING.
+  // Before, every meft.v1.ParamServer call gets UNAVAILABLE "store loading" and health says
+  // NOT_SERVING. Call once.
+  void SetReady(server::ParamServer* domain);
 
  private:
   friend absl::StatusOr<std::unique_ptr<RunningServer>> StartServer(const RpcOptions&,
@@ -68,8 +72,10 @@ class RunningServer {
 };
 
 // Starts serving `domain` (which must outlive the returned server); health reports SERVING for
-// "" and "meft.v1.ParamServer". `registry` may be null. Reads the TLS and token files named in
-// `options` once, here; errors name the file.
+// "" and "meft.v1.ParamServer". With `domain` null the server listens but is not ready (health
+// NOT_SERVING, calls UNAVAILABLE) until SetReady: start it before a long store load.
+// `registry` may be null. Reads the TLS and token files named in `options` once, here; errors
+// name the file.
 absl::StatusOr<std::unique_ptr<RunningServer>> StartServer(const RpcOptions& options,
                                                            server::ParamServer* domain,
                                                            metrics::Registry* registry);

@@ -1598,6 +1598,44 @@ TEST(RpcHealthTest, ReportsServing) {
   EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND) << s.error_message();
 }
 
+TEST(RpcHealthTest, NotServingUntilTheStoreIsReady) {
+  // meft-param-server listens before it initialises or restores its store: until SetReady the
+  // health check says NOT_SERVING and every call gets UNAVAILABLE "store loading".
+  metrics::Registry registry;
+  auto running = rpc::StartServer({.listen = "127.0.0.1:0"}, nullptr, &registry);
+  ASSERT_TRUE(running.ok()) << running.status();
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string((*running)->port()),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = v1::ParamServer::NewStub(channel);
+  constexpr int kServing = 1, kNotServing = 2;
+  for (const char* service : {"meft.v1.ParamServer", ""}) {
+    int status = -1;
+    const grpc::Status s = HealthCheck(channel, service, &status);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    EXPECT_EQ(status, kNotServing) << service;
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::ServerInfoResponse info;
+    const grpc::Status s = stub->ServerInfo(&ctx, v1::ServerInfoRequest(), &info);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_THAT(s.error_message(), HasSubstr("store loading"));
+  }
+  auto server = server::ParamServer::Create(SmallOptions(), &registry);
+  ASSERT_TRUE(server.ok()) << server.status();
+  (*running)->SetReady(server->get());
+  for (const char* service : {"meft.v1.ParamServer", ""}) {
+    int status = -1;
+    ASSERT_TRUE(HealthCheck(channel, service, &status).ok());
+    EXPECT_EQ(status, kServing) << service;
+  }
+  grpc::ClientContext ctx;
+  v1::ServerInfoResponse info;
+  ASSERT_TRUE(stub->ServerInfo(&ctx, v1::ServerInfoRequest(), &info).ok());
+  EXPECT_EQ(info.rows(), static_cast<uint32_t>(kRows));
+  (*running)->Shutdown(1.0);  // before `server` goes away
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. ServerInfo.
 
