@@ -8,14 +8,17 @@
 #include <torch/torch.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
 #include "common/config/config.h"
 #include "common/logging/logging.h"
+#include "common/metrics/metrics.h"
 #include "common/status.h"
 #include "gpu_worker/app/worker_config.h"
 #include "gpu_worker/data/dataset.h"
@@ -85,7 +88,22 @@ void InstallStopHandler() {
 
 absl::Status Train(const WorkerConfig& c, const std::string& resume) {
   InstallStopHandler();
+  meft::metrics::Registry registry;
+  std::unique_ptr<meft::metrics::Exposer> exposer;
+  if (!c.metrics_listen.empty()) {
+    auto started = meft::metrics::Exposer::Start(c.metrics_listen, registry);
+    if (!started.ok()) {
+      return absl::Status(started.status().code(),
+                          absl::StrCat("metrics.listen: ", started.status().message()));
+    }
+    exposer = std::move(*started);
+    // Scripts and tests parse this line: keep "metrics on URL" as it is.
+    spdlog::info("worker metrics on http://{}:{}/metrics",
+                 c.metrics_listen.substr(0, c.metrics_listen.rfind(':')), exposer->port());
+  }
   MEFT_ASSIGN_OR_RETURN(auto s, meft::worker::OpenSession(c));
+  meft::worker::WorkerMetrics worker_metrics(&registry, s->model->device());
+  meft::worker::MeterReader server_meter(&s->client_meter);
   MEFT_ASSIGN_OR_RETURN(auto examples, meft::worker::LoadJsonl(c.train_file));
   MEFT_ASSIGN_OR_RETURN(auto tokenized,
                         meft::worker::TokenizeExamples(
@@ -117,6 +135,7 @@ absl::Status Train(const WorkerConfig& c, const std::string& resume) {
                c.micro_batch_size, c.grad_accum);
   MEFT_ASSIGN_OR_RETURN(
       auto history, trainer->Run([&](const meft::worker::StepStats& stats) -> absl::Status {
+        worker_metrics.RecordStep(stats, server_meter.Take());
         if (c.eval_every == 0 || stats.step % c.eval_every != 0) return absl::OkStatus();
         MEFT_ASSIGN_OR_RETURN(auto result,
                               RunEvaluation(*s, c, eval_examples, "", c.eval_limit, stats.step));
@@ -129,6 +148,10 @@ absl::Status Train(const WorkerConfig& c, const std::string& resume) {
   std::printf("trained %zu steps in %.1f s; final loss %.4f; checkpoints under %s\n",
               history.size(), seconds, history.empty() ? 0.0 : history.back().loss,
               c.output_dir.c_str());
+  if (exposer && c.metrics_linger_seconds > 0) {
+    std::fflush(stdout);
+    std::this_thread::sleep_for(std::chrono::duration<double>(c.metrics_linger_seconds));
+  }
   return absl::OkStatus();
 }
 

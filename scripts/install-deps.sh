@@ -15,8 +15,10 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   # the worker: LibTorch (CPU build; CUDA builds bring their own) and SentencePiece
   libtorch-dev libsentencepiece-dev
-  # promtool validates our metrics exposition in the tests
-  prometheus
+  # promtool validates our metrics exposition in the tests; the deploy test runs the real
+  # Prometheus server against both processes, reads its HTTP API with curl, parses the Grafana
+  # dashboard with python3, and checks deploy/docker-compose.yml with docker-compose
+  prometheus curl python3 python3-yaml docker-compose
   # TLS tests generate certificates
   openssl
   # an optimised BLAS for LibTorch's CPU matrix products (without it, the reference BLAS)

@@ -20,6 +20,12 @@ void RegisterWorkerFields(WorkerConfig* c, config::FieldSet* f) {
   f->AddChoice("device", &c->device, {"auto", "cpu", "cuda"}, "auto = CUDA when LibTorch has it");
   f->AddChoice("log_level", &c->log_level, {"trace", "debug", "info", "warn", "error", "off"},
                "log verbosity");
+  f->Add("metrics.listen", &c->metrics_listen,
+         "HOST:PORT where `train` serves Prometheus metrics (meft_worker_*), e.g. "
+         "127.0.0.1:9465, 0.0.0.0:9465 in a container; port 0 = any free port; \"\" = none");
+  f->Add("metrics.linger_seconds", &c->metrics_linger_seconds,
+         "keep the metrics endpoint up this long after training ends (a last scrape)");
+  f->SetRange("metrics.linger_seconds", 0, 86400);
   f->Add("data.train", &c->train_file,
          "training data, JSONL with instruction, optional input, output");
   f->Add("data.eval", &c->eval_file, "evaluation data, same format (optional answers list)");
@@ -218,6 +224,8 @@ absl::StatusOr<std::unique_ptr<WorkerSession>> OpenSession(const WorkerConfig& c
       }
       server.layers = kept;
     }
+    // Every call the adapter and the trainer make is timed and its bytes counted.
+    s->client = std::make_unique<MeteredParamClient>(std::move(s->client), &s->client_meter);
     s->meft = std::make_unique<MeftAdapter>(
         s->client.get(), server,
         MeftAdapterOptions{.prefetch_layers = c.prefetch_layers,

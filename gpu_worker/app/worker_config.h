@@ -15,6 +15,7 @@
 #include "gpu_worker/adapters/baselines.h"
 #include "gpu_worker/adapters/meft_adapter.h"
 #include "gpu_worker/eval/evaluate.h"
+#include "gpu_worker/metrics/worker_metrics.h"
 #include "gpu_worker/model/llama.h"
 #include "gpu_worker/tokenizer/tokenizer.h"
 #include "gpu_worker/train/trainer.h"
@@ -28,6 +29,8 @@ struct WorkerConfig {
   std::string output_dir = "runs/quickstart";
   std::string device = "auto";  // auto | cpu | cuda
   std::string log_level = "info";
+  std::string metrics_listen;         // HOST:PORT of train's /metrics endpoint; "" = none
+  double metrics_linger_seconds = 0;  // keep the endpoint up this long after training
   // data
   std::string train_file = "runs/facts/train.jsonl";
   std::string eval_file = "runs/facts/eval.jsonl";
@@ -83,6 +86,7 @@ void RegisterWorkerFields(WorkerConfig* config, config::FieldSet* fields);
 
 // Everything a subcommand needs, built from a WorkerConfig.
 struct WorkerSession {
+  ClientMeter client_meter;  // meft: time and bytes of every server call (outlives `client`)
   std::unique_ptr<Tokenizer> tokenizer;
   std::unique_ptr<LlamaModel> model;
   std::unique_ptr<ParamClient> client;  // meft only
