@@ -235,6 +235,7 @@ run_one() {
     experts="$experts" n_probe="$n_probe" mode="$mode" gated="$gated" prefetch="$prefetch" \
     overlap="$overlap" steps="$steps" batch="$batch" layers="$LAYERS" dim="$DIM" size="$size" \
     train_wall_s="$(echo "$t1 - $t0" | bc)" eval_wall_s="$(echo "$t2 - $t1" | bc)"
+  rm -rf "$rdir/server" "$rdir/out"  # checkpoints (up to GBs); the logs and metrics stay
 }
 
 begin_exp() {  # begin_exp EXP: clears its data and configs, times it
