@@ -12,6 +12,7 @@
 #include "gtest/gtest.h"
 #include "param_server/rpc/service.h"
 #include "param_server/server/param_server.h"
+#include "tests/gpu_worker/forwarding_client.h"
 
 namespace meft::worker {
 namespace {
@@ -20,9 +21,9 @@ using ::testing::HasSubstr;
 
 // Forwards to a real client and records what crosses the wire. Calls may come from the adapter's
 // background threads (overlap); read the records after FinishBackward.
-class RecordingClient : public ParamClient {
+class RecordingClient : public ForwardingClient {
  public:
-  explicit RecordingClient(ParamClient* inner) : inner_(inner) {}
+  using ForwardingClient::ForwardingClient;
   struct Sent {
     StepHeader header;
     torch::Tensor key_grads, value_grads, gate_grads;
@@ -44,17 +45,6 @@ class RecordingClient : public ParamClient {
     }
     return inner_->Gradients(h, k, v, g);
   }
-  absl::StatusOr<double> GradNorm(uint64_t step) override { return inner_->GradNorm(step); }
-  absl::Status Step(uint64_t step, double lr, double clip) override {
-    return inner_->Step(step, lr, clip);
-  }
-  absl::StatusOr<std::string> SaveCheckpoint(const std::string& d) override {
-    return inner_->SaveCheckpoint(d);
-  }
-  absl::Status RestoreCheckpoint(const std::string& p) override {
-    return inner_->RestoreCheckpoint(p);
-  }
-  absl::StatusOr<ServerDescription> Describe() override { return inner_->Describe(); }
 
   std::vector<torch::Tensor> queries;
   std::vector<LookupResult> lookups;
@@ -62,7 +52,6 @@ class RecordingClient : public ParamClient {
 
  private:
   std::mutex mu_;  // guards the records
-  ParamClient* inner_;
 };
 
 struct Setup {

@@ -19,6 +19,7 @@
 #include "gtest/gtest.h"
 #include "param_server/rpc/service.h"
 #include "param_server/server/param_server.h"
+#include "tests/gpu_worker/forwarding_client.h"
 
 namespace meft::worker {
 namespace {
@@ -89,37 +90,18 @@ std::vector<TokenizedExample> Examples(int64_t n) {
   return out;
 }
 
-// Forwards to another client; fails Step when asked to.
-class ForwardingClient : public ParamClient {
+// Fails Step(fail_step) without asking the server.
+class StepFailingClient : public ForwardingClient {
  public:
-  explicit ForwardingClient(ParamClient* inner) : inner_(inner) {}
-  absl::StatusOr<LookupResult> Lookup(const StepHeader& h, const torch::Tensor& x,
-                                      const torch::Tensor& mask, bool training) override {
-    return inner_->Lookup(h, x, mask, training);
-  }
-  absl::Status Gradients(const StepHeader& h, const torch::Tensor& k, const torch::Tensor& v,
-                         const torch::Tensor& g) override {
-    return inner_->Gradients(h, k, v, g);
-  }
-  absl::StatusOr<double> GradNorm(uint64_t step) override { return inner_->GradNorm(step); }
+  using ForwardingClient::ForwardingClient;
   absl::Status Step(uint64_t step, double lr, double clip) override {
     if (static_cast<int64_t>(step) == fail_step) {
       return absl::UnavailableError("injected: the server lost its optimizer state");
     }
     return inner_->Step(step, lr, clip);
   }
-  absl::StatusOr<std::string> SaveCheckpoint(const std::string& d) override {
-    return inner_->SaveCheckpoint(d);
-  }
-  absl::Status RestoreCheckpoint(const std::string& p) override {
-    return inner_->RestoreCheckpoint(p);
-  }
-  absl::StatusOr<ServerDescription> Describe() override { return inner_->Describe(); }
 
   int64_t fail_step = -1;
-
- protected:
-  ParamClient* inner_;
 };
 
 struct TrainResult {
@@ -306,18 +288,24 @@ TEST(OverlapHappensTest, ControlWithoutPrefetchTheLookupStartsAfterAttention) {
 
 // --- errors from background calls
 
+// `fn` must throw c10::Error whose message contains `want`.
+template <typename Fn>
+void ExpectTorchError(Fn fn, const std::string& want) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an error containing \"" << want << "\"";
+  } catch (const c10::Error& e) {
+    EXPECT_THAT(e.what_without_backtrace(), HasSubstr(want));
+  }
+}
+
 TEST(OverlapErrorTest, AsyncLookupErrorSurfacesWithTheServersMessage) {
   auto server = StartServer({0});
   MeftAdapter adapter(server->client.get(), *server->client->Describe(), {.overlap = true});
   adapter.BeginMicroBatch(0, 0, true);
   const torch::Tensor x = torch::randn({1, 2, kDim - 1});  // the server has d = kDim
   adapter.FfnInputReady(0, x, {});
-  try {
-    adapter.FfnDelta(0, x, {});
-    FAIL() << "expected an error";
-  } catch (const c10::Error& e) {
-    EXPECT_THAT(e.what_without_backtrace(), HasSubstr("x.shape"));
-  }
+  ExpectTorchError([&] { adapter.FfnDelta(0, x, {}); }, "x.shape");
 }
 
 class ThrowingClient : public ForwardingClient {
@@ -337,12 +325,7 @@ TEST(OverlapErrorTest, ExceptionInABackgroundLookupBecomesAnError) {
   adapter.BeginMicroBatch(0, 0, true);
   const torch::Tensor x = torch::randn({1, 2, kDim});
   adapter.FfnInputReady(0, x, {});
-  try {
-    adapter.FfnDelta(0, x, {});
-    FAIL() << "expected an error";
-  } catch (const c10::Error& e) {
-    EXPECT_THAT(e.what_without_backtrace(), HasSubstr("lookup exploded"));
-  }
+  ExpectTorchError([&] { adapter.FfnDelta(0, x, {}); }, "lookup exploded");
 }
 
 class GradientErrorTest : public ::testing::TestWithParam<bool> {};
@@ -365,12 +348,7 @@ TEST_P(GradientErrorTest, ServersMessageSurfaces) {
     EXPECT_THAT(s.message(), HasSubstr(want));
     EXPECT_TRUE(adapter.FinishBackward().ok()) << "reported once";
   } else {
-    try {
-      (y.sum() + x.sum()).backward();
-      FAIL() << "expected an error";
-    } catch (const c10::Error& e) {
-      EXPECT_THAT(e.what_without_backtrace(), HasSubstr(want));
-    }
+    ExpectTorchError([&] { (y.sum() + x.sum()).backward(); }, want);
     EXPECT_TRUE(adapter.FinishBackward().ok());
   }
 }
@@ -395,7 +373,7 @@ TEST(OverlapErrorTest, StepErrorIsReportedByTheNextCallThatNeedsTheStep) {
 TEST(OverlapErrorTest, TrainerReportsAFailedBackgroundStep) {
   auto model = RandomModel(2);
   auto server = StartServer({0, 1}, /*step_wait_seconds=*/0.5);
-  ForwardingClient client(server->client.get());
+  StepFailingClient client(server->client.get());
   client.fail_step = 1;
   auto loader = *DataLoader::Create(Examples(6), 0, {.micro_batch_size = 2, .seed = 1});
   MeftAdapter adapter(&client, *client.Describe(), {.overlap = true});
