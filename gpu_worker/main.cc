@@ -135,7 +135,15 @@ absl::Status Train(const WorkerConfig& c, const std::string& resume) {
                c.micro_batch_size, c.grad_accum);
   MEFT_ASSIGN_OR_RETURN(
       auto history, trainer->Run([&](const meft::worker::StepStats& stats) -> absl::Status {
-        worker_metrics.RecordStep(stats, server_meter.Take());
+        meft::worker::ServerTimings timings = server_meter.Take();
+        if (s->meft) {
+          // With overlap the client's calls run partly in the background; the adapter knows how
+          // long the training thread was actually blocked, and its row transfers to the device.
+          const meft::worker::MeftTimings adapter = s->meft->TakeTimings();
+          timings.wait_seconds = adapter.wait_seconds;
+          timings.transfer_seconds = adapter.transfer_seconds;
+        }
+        worker_metrics.RecordStep(stats, timings);
         if (c.eval_every == 0 || stats.step % c.eval_every != 0) return absl::OkStatus();
         MEFT_ASSIGN_OR_RETURN(auto result,
                               RunEvaluation(*s, c, eval_examples, "", c.eval_limit, stats.step));
