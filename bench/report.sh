@@ -242,10 +242,12 @@ begin_exp() {  # begin_exp EXP: clears its data and configs, times it
   rm -f "$out_dir/data/$1.jsonl"
   rm -rf "$out_dir/configs/$1"
   exp_start=$(date +%s)
+  exp_load=$(cut -d' ' -f1-3 /proc/loadavg)
 }
 end_exp() {  # the experiment's wall time, data/timing/EXP.json
   mkdir -p "$out_dir/data/timing"
-  echo "{\"exp\": \"$1\", \"wall_s\": $(($(date +%s) - exp_start)), \"size\": \"$size\"}" \
+  echo "{\"exp\": \"$1\", \"wall_s\": $(($(date +%s) - exp_start)), \"size\": \"$size\"," \
+    "\"load_start\": \"$exp_load\", \"load_end\": \"$(cut -d' ' -f1-3 /proc/loadavg)\"}" \
     >"$out_dir/data/timing/$1.json"
 }
 
