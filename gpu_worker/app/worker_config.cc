@@ -53,12 +53,6 @@ void RegisterWorkerFields(WorkerConfig* c, config::FieldSet* f) {
          "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)");
   f->Add("adapter.seed", &c->adapter_seed, "seed of the parallel/lora initialisation");
   f->Add("meft.server", &c->server, "parameter server address HOST:PORT");
-  f->Add("meft.prefetch_layers", &c->prefetch_layers,
-         "p: layer l is looked up with the FFN input of layer l - p (same in training and "
-         "evaluation)");
-  f->SetRange("meft.prefetch_layers", 0, 1 << 10);
-  f->Add("meft.refetch_in_backward", &c->refetch_in_backward,
-         "re-fetch rows in backward instead of keeping them on the device");
   f->Add("meft.servers", &c->servers,
          "several parameter servers (shards owning disjoint layers), e.g. [HOST:PORT, HOST:PORT]; "
          "replaces meft.server");
@@ -66,6 +60,12 @@ void RegisterWorkerFields(WorkerConfig* c, config::FieldSet* f) {
          "how long to wait (exponential backoff) for a parameter server that went away or is "
          "loading its store; 0 = fail at once");
   f->SetRange("meft.reconnect_timeout_seconds", 0, 1e7);
+  f->Add("meft.prefetch_layers", &c->prefetch_layers,
+         "p: layer l is looked up with the FFN input of layer l - p (same in training and "
+         "evaluation)");
+  f->SetRange("meft.prefetch_layers", 0, 1 << 10);
+  f->Add("meft.refetch_in_backward", &c->refetch_in_backward,
+         "re-fetch rows in backward instead of keeping them on the device");
   f->Add("meft.overlap", &c->overlap,
          "overlap server calls with compute: lookups run during the base FFN (and prefetched "
          "layers), gradients and Step in the background; false = synchronous (same results)");
@@ -153,13 +153,13 @@ TrainerOptions MakeTrainerOptions(const WorkerConfig& c) {
   o.log_every = c.log_every;
   o.save_every = c.save_every;
   o.output_dir = c.output_dir;
+  o.reconnect_timeout_seconds = c.reconnect_timeout_seconds;
   return o;
 }
 
 absl::StatusOr<std::unique_ptr<WorkerSession>> OpenSession(const WorkerConfig& c) {
   auto s = std::make_unique<WorkerSession>();
   torch::Device device = torch::kCPU;
-  o.reconnect_timeout_seconds = c.reconnect_timeout_seconds;
   if (c.device == "cuda" || (c.device == "auto" && torch::cuda::is_available())) {
     if (!torch::cuda::is_available()) {
       return absl::FailedPreconditionError("device: cuda, but this LibTorch has no CUDA device");

@@ -48,11 +48,11 @@ struct WorkerConfig {
   uint64_t adapter_seed = 0;
   // meft
   std::string server = "127.0.0.1:50051";
+  std::vector<std::string> servers;        // shards owning disjoint layers; empty = `server` alone
+  double reconnect_timeout_seconds = 300;  // waiting for a restarted server; 0 = fail at once
   int64_t prefetch_layers = 0;
   bool refetch_in_backward = false;
   bool overlap = true;  // server calls overlap compute (see MeftAdapterOptions::overlap)
-  std::vector<std::string> servers;        // shards owning disjoint layers; empty = `server` alone
-  double reconnect_timeout_seconds = 300;  // waiting for a restarted server; 0 = fail at once
   bool bf16_rows = true;
   double server_timeout_seconds = 600;
   std::string tls_ca;              // PEM CA that signed the server's certificate; "" = plaintext
