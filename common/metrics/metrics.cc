@@ -284,8 +284,14 @@ absl::Status CheckBindAddress(const std::string& address) {
   return absl::OkStatus();
 }
 
-// How long one connection may take to send its request and read the answer.
-constexpr auto kConnectionTimeout = std::chrono::seconds(10);
+// One thread answers one connection at a time, so a client that trickles its request or stops
+// reading must not hold the scrape up for long: it gets this long to send the request, and this
+// long more to read the answer.
+constexpr auto kRequestTimeout = std::chrono::seconds(2);
+constexpr auto kResponseTimeout = std::chrono::seconds(10);
+// After accept fails for lack of descriptors or memory, wait this long before trying again
+// (poll would report the pending connection at once and the thread would spin).
+constexpr int kAcceptBackoffMs = 100;
 constexpr size_t kMaxRequestBytes = 16 * 1024;
 
 std::string ErrnoText(int error) { return std::strerror(error); }
@@ -347,14 +353,24 @@ void Exposer::Serve() {
     if (fds[1].revents != 0) return;
     if ((fds[0].revents & POLLIN) == 0) continue;
     int connection = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (connection < 0) continue;  // The client gave up, or too many files: try again later.
-    Answer(connection);
+    if (connection < 0) {
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        pollfd wake = {wake_read_fd_, POLLIN, 0};
+        ::poll(&wake, 1, kAcceptBackoffMs);
+      }
+      continue;  // The client gave up, or out of descriptors: try again.
+    }
+    try {
+      Answer(connection);
+    } catch (const std::exception& e) {  // e.g. bad_alloc while serializing: drop this scrape
+      spdlog::warn("metrics: answering a scrape failed: {}", e.what());
+    }
     ::close(connection);
   }
 }
 
 void Exposer::Answer(int connection) {
-  const auto deadline = std::chrono::steady_clock::now() + kConnectionTimeout;
+  auto deadline = std::chrono::steady_clock::now() + kRequestTimeout;
   std::string request;
   char buffer[4096];
   while (request.find("\r\n\r\n") == std::string::npos) {
@@ -389,6 +405,7 @@ void Exposer::Answer(int connection) {
       response = HttpResponse(200, "OK", "text/plain; version=0.0.4; charset=utf-8", body, head);
     }
   }
+  deadline = std::chrono::steady_clock::now() + kResponseTimeout;
   size_t sent = 0;
   while (sent < response.size()) {
     if (!WaitReady(connection, POLLOUT, wake_read_fd_, deadline)) return;

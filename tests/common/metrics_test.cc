@@ -398,6 +398,28 @@ TEST(MetricsTest, ExposerAnswersOtherPathsAndMethods) {
   EXPECT_THAT(HttpGet((*exposer)->port(), "/metrics?x=1").status_line, HasSubstr(" 200 "));
 }
 
+// Clients that connect and never send a request must not hold the single serving thread for
+// long: two of them ahead of a real scrape must still leave it inside HttpGet's 10 s socket
+// timeout (with a 10 s allowance per request, as before the fix, the scrape timed out).
+TEST(MetricsTest, IdleConnectionsDoNotStallAScrape) {
+  Registry registry;
+  absl::StatusOr<std::unique_ptr<Exposer>> exposer = Exposer::Start("127.0.0.1:0", registry);
+  ASSERT_TRUE(exposer.ok()) << exposer.status();
+  std::vector<int> idle;
+  for (int i = 0; i < 2; ++i) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    ASSERT_GE(fd, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>((*exposer)->port()));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    idle.push_back(fd);
+  }
+  EXPECT_THAT(HttpGet((*exposer)->port(), "/metrics").status_line, HasSubstr(" 200 "));
+  for (int fd : idle) close(fd);
+}
+
 TEST(MetricsTest, ExposerOutlivingRegistryDoesNotCrash) {
   auto registry = std::make_unique<Registry>();
   registry->AddGauge("meft_test_g", "G.").Set(1);
