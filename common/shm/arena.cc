@@ -1,6 +1,8 @@
 #include "common/shm/arena.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -9,6 +11,7 @@
 #include <cerrno>
 #include <cstring>
 #include <random>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -27,6 +30,12 @@ class FdCloser {
   }
   FdCloser(const FdCloser&) = delete;
   FdCloser& operator=(const FdCloser&) = delete;
+  // Hands the descriptor to the caller; the destructor no longer closes it.
+  int Release() {
+    const int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
 
  private:
   int fd_;
@@ -42,6 +51,29 @@ absl::StatusOr<uint8_t*> Map(int fd, uint64_t size, const std::string& name) {
 }
 
 }  // namespace
+
+int RemoveOrphanedArenas() {
+  DIR* dir = ::opendir("/dev/shm");
+  if (dir == nullptr) return 0;
+  std::vector<std::string> names;
+  while (const dirent* entry = ::readdir(dir)) {
+    const std::string name = absl::StrCat("/", entry->d_name);
+    if (IsArenaName(name)) names.push_back(name);
+  }
+  ::closedir(dir);
+  int removed = 0;
+  for (const std::string& name : names) {
+    const int fd = ::shm_open(name.c_str(), O_RDONLY, 0);
+    if (fd < 0) continue;  // gone meanwhile, or another user's
+    FdCloser closer(fd);
+    struct stat st;
+    // Size 0: a creator between shm_open and its flock; leave it.
+    if (::fstat(fd, &st) != 0 || st.st_size == 0) continue;
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) continue;  // its creator is alive
+    if (::shm_unlink(name.c_str()) == 0) ++removed;
+  }
+  return removed;
+}
 
 uint64_t AlignUp(uint64_t bytes) {
   if (bytes > UINT64_MAX - (kAlignment - 1)) return UINT64_MAX - (UINT64_MAX % kAlignment);
@@ -65,6 +97,7 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Create(uint64_t size) {
     return absl::InvalidArgumentError(
         absl::StrCat("shared-memory arena: size ", size, " must exceed ", kHeaderBytes, " bytes"));
   }
+  RemoveOrphanedArenas();
   struct statvfs fs;
   if (::statvfs("/dev/shm", &fs) == 0) {
     const uint64_t avail = static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize;
@@ -87,18 +120,37 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Create(uint64_t size) {
   }
   if (fd < 0) return absl::InternalError("shm_open: no unused name after 8 attempts");
   FdCloser closer(fd);
+  // The lock marks the object as having a live creator (RemoveOrphanedArenas); taken while the
+  // size is still 0, which RemoveOrphanedArenas skips.
+  if (::flock(fd, LOCK_SH) != 0) {
+    const int err = errno;
+    ::shm_unlink(name.c_str());
+    return absl::InternalError(absl::StrCat("flock ", name, ": ", ErrnoText(err)));
+  }
   if (::ftruncate(fd, static_cast<off_t>(size)) != 0) {
     const int err = errno;
     ::shm_unlink(name.c_str());
     return absl::InternalError(
         absl::StrCat("ftruncate ", name, " to ", size, ": ", ErrnoText(err)));
   }
+  // Reserve every page now: the statvfs check above is advisory (another arena or process can
+  // take the space meanwhile), and a page tmpfs cannot supply later is a SIGBUS, not an error.
+  int err;
+  do {
+    err = ::posix_fallocate(fd, 0, static_cast<off_t>(size));  // returns the error number
+  } while (err == EINTR);
+  if (err != 0) {
+    ::shm_unlink(name.c_str());
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "shared-memory arena: cannot reserve ", size >> 20, " MiB (", size, " bytes) in /dev/shm: ",
+        ErrnoText(err), "; make the arena smaller or /dev/shm larger (docker: --shm-size)"));
+  }
   auto base = Map(fd, size, name);
   if (!base.ok()) {
     ::shm_unlink(name.c_str());
     return base.status();
   }
-  std::unique_ptr<Arena> arena(new Arena(name, *base, size, /*owner=*/true));
+  std::unique_ptr<Arena> arena(new Arena(name, closer.Release(), *base, size, /*owner=*/true));
   for (uint64_t i = 0; i < kNonceBytes; i += 4) {
     const uint32_t word = rd();
     std::memcpy(arena->base_ + i, &word, 4);
@@ -133,14 +185,27 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Open(const std::string& name, uint
     return absl::OutOfRangeError(
         absl::StrCat("size: ", size, " bytes, but ", name, " has only ", st.st_size));
   }
+  const uint64_t allocated = static_cast<uint64_t>(st.st_blocks) * 512;
+  if (allocated < size) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("name: ", name, " is sparse (", allocated, " of ", size,
+                     " bytes allocated); the creator must reserve its pages (posix_fallocate)"));
+  }
   auto base = Map(fd, size, name);
   if (!base.ok()) return base.status();
-  return std::unique_ptr<Arena>(new Arena(name, *base, size, /*owner=*/false));
+  return std::unique_ptr<Arena>(new Arena(name, closer.Release(), *base, size, /*owner=*/false));
 }
 
 Arena::~Arena() {
   ::munmap(base_, size_);
+  // Unlink before closing: closing drops the creator's lock.
   if (owner_) ::shm_unlink(name_.c_str());
+  ::close(fd_);
+}
+
+bool Arena::Unlinked() const {
+  struct stat st;
+  return ::fstat(fd_, &st) == 0 && st.st_nlink == 0;
 }
 
 std::string Arena::Nonce() const {

@@ -32,18 +32,30 @@ uint64_t AlignUp(uint64_t bytes);
 // Open refuses any other name, so a request cannot make the server map an unrelated object.
 bool IsArenaName(std::string_view name);
 
+// Unlinks the arenas in /dev/shm whose creator is gone (killed, even by SIGKILL, or crashed), so
+// that they stop holding memory. A creator holds a shared flock on its object from before the
+// object has a size until it unlinks it, and the kernel drops the lock when the process dies; an
+// object of non-zero size whose exclusive lock can be taken therefore has no live creator. Works
+// across PID namespaces (containers sharing one /dev/shm) and is immune to PID reuse. Objects that
+// this process cannot open (another user's) are left alone. Returns the number unlinked.
+// Arena::Create calls it; a process attached to a removed object keeps its mapping.
+int RemoveOrphanedArenas();
+
 // A mapped shared-memory object. Not copyable; the mapping lives as long as the object.
 // Thread-safe for concurrent reads and writes of distinct bytes (it is plain memory).
 class Arena {
  public:
-  // Creates a fresh object named "/meft-<pid>-<random>" of `size` bytes (> kHeaderBytes), maps
-  // it and writes a random nonce into the header. Fails with RESOURCE_EXHAUSTED naming
-  // /dev/shm when the file system has less than `size` bytes free (touching pages beyond its
-  // limit would kill the process with SIGBUS). The creator unlinks the name on destruction.
+  // First removes orphaned arenas (RemoveOrphanedArenas). Then creates a fresh object named
+  // "/meft-<pid>-<random>" of `size` bytes (> kHeaderBytes), reserves all of its pages
+  // (posix_fallocate: tmpfs reserves nothing on ftruncate, and touching a page beyond its limit
+  // would kill the process with SIGBUS), maps it and writes a random nonce into the header.
+  // Fails with RESOURCE_EXHAUSTED naming /dev/shm when the pages cannot be reserved. The creator
+  // unlinks the name on destruction.
   static absl::StatusOr<std::unique_ptr<Arena>> Create(uint64_t size);
   // Maps `size` bytes of the existing object `name` (the attaching side; never unlinks it).
   // INVALID_ARGUMENT for a bad name, NOT_FOUND when no such object exists here, OUT_OF_RANGE
-  // when the object is smaller than `size`.
+  // when the object is smaller than `size`, FAILED_PRECONDITION when fewer than `size` bytes of
+  // it are allocated (a sparse object: touching a hole could SIGBUS this process).
   static absl::StatusOr<std::unique_ptr<Arena>> Open(const std::string& name, uint64_t size);
   ~Arena();
   Arena(const Arena&) = delete;
@@ -56,11 +68,15 @@ class Arena {
   std::string Nonce() const;
   // True when [offset, offset + bytes) lies inside [kHeaderBytes, size()), without overflow.
   bool Contains(uint64_t offset, uint64_t bytes) const;
+  // True when the object has no name any more (its creator, or RemoveOrphanedArenas, unlinked
+  // it): no worker can use it again, so an attacher may drop it.
+  bool Unlinked() const;
 
  private:
-  Arena(std::string name, uint8_t* base, uint64_t size, bool owner)
-      : name_(std::move(name)), base_(base), size_(size), owner_(owner) {}
+  Arena(std::string name, int fd, uint8_t* base, uint64_t size, bool owner)
+      : name_(std::move(name)), fd_(fd), base_(base), size_(size), owner_(owner) {}
   const std::string name_;
+  const int fd_;  // open for the arena's lifetime; the creator's holds the shared flock
   uint8_t* const base_;
   const uint64_t size_;
   const bool owner_;  // unlink the name on destruction

@@ -34,8 +34,12 @@ absl::StatusOr<uint64_t> ArenaRegistry::Attach(const std::string& name, uint64_t
   std::lock_guard lock(mu_);
   uint64_t id = 0;
   while (id == 0 || by_id_.count(id)) id = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  // Drop arenas attached under this name and those whose name is gone (the worker unlinked it on
+  // exit, or a later worker removed it as orphaned): no request can name them any more, and
+  // keeping them mapped would pin their pages in /dev/shm.
   for (auto it = by_id_.begin(); it != by_id_.end();) {
-    it = it->second.arena->name() == name ? by_id_.erase(it) : std::next(it);
+    const bool stale = it->second.arena->name() == name || it->second.arena->Unlinked();
+    it = stale ? by_id_.erase(it) : std::next(it);
   }
   while (!by_id_.empty() && by_id_.size() >= max_arenas_) {
     auto oldest = by_id_.begin();

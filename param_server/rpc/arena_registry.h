@@ -25,9 +25,11 @@ class ArenaRegistry {
   explicit ArenaRegistry(size_t max_arenas = 64) : max_arenas_(max_arenas) {}
 
   // Maps `size` bytes of the object `name` and compares its first shm::kNonceBytes with `nonce`.
-  // Returns a new non-zero id. Replaces an arena attached earlier under the same name. Errors:
+  // Returns a new non-zero id. Replaces an arena attached earlier under the same name and unmaps
+  // those whose object was unlinked (shm::Arena::Unlinked) since they attached. Errors:
   // INVALID_ARGUMENT (name, size or nonce malformed; size over 1 TiB), NOT_FOUND (no such object
-  // on this host), FAILED_PRECONDITION "nonce: ..." (the memory is not the worker's).
+  // on this host), FAILED_PRECONDITION "nonce: ..." (the memory is not the worker's) or
+  // "name: ... sparse" (the object's pages are not reserved).
   absl::StatusOr<uint64_t> Attach(const std::string& name, uint64_t size, std::string_view nonce);
 
   // The arena `id`; FAILED_PRECONDITION "arena_id: arena not attached ..." when unknown.

@@ -1,8 +1,14 @@
 // The shared-memory arena (creation, attach by name, nonce, bounds) and the region allocator
 // against a byte-map reference on random operation sequences.
 
+#include <fcntl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -75,6 +81,92 @@ TEST(ShmArenaTest, CreateRefusesMoreThanDevShmHolds) {
   auto huge = Arena::Create(uint64_t{1} << 60);
   EXPECT_EQ(huge.status().code(), absl::StatusCode::kResourceExhausted) << huge.status();
   EXPECT_THAT(std::string(huge.status().message()), HasSubstr("/dev/shm"));
+}
+
+bool ShmExists(const std::string& name) {
+  const int fd = ::shm_open(name.c_str(), O_RDONLY, 0);
+  if (fd >= 0) ::close(fd);
+  return fd >= 0;
+}
+
+// A shared-memory object made without Arena::Create: no lock, pages not reserved.
+std::string MakeBareObject(const std::string& tag, off_t size) {
+  const std::string name = "/meft-" + std::to_string(::getpid()) + "-test-" + tag;
+  const int fd = ::shm_open(name.c_str(), O_CREAT | O_RDWR, 0600);
+  EXPECT_GE(fd, 0) << name;
+  if (fd >= 0) {
+    EXPECT_EQ(::ftruncate(fd, size), 0);
+    ::close(fd);
+  }
+  return name;
+}
+
+TEST(ShmArenaTest, CreateReservesEveryPage) {
+  constexpr uint64_t kSize = (8 << 20) + 100;
+  auto a = Arena::Create(kSize);
+  ASSERT_TRUE(a.ok()) << a.status();
+  const int fd = ::shm_open((*a)->name().c_str(), O_RDONLY, 0);
+  ASSERT_GE(fd, 0);
+  struct stat st;
+  ASSERT_EQ(::fstat(fd, &st), 0);
+  ::close(fd);
+  EXPECT_GE(static_cast<uint64_t>(st.st_blocks) * 512, kSize);
+}
+
+TEST(ShmArenaTest, OpenRefusesASparseObject) {
+  const std::string name = MakeBareObject("sparse", 1 << 20);
+  auto opened = Arena::Open(name, 1 << 20);
+  EXPECT_EQ(opened.status().code(), absl::StatusCode::kFailedPrecondition) << opened.status();
+  EXPECT_THAT(std::string(opened.status().message()), HasSubstr("sparse"));
+  ::shm_unlink(name.c_str());
+}
+
+TEST(ShmArenaTest, UnlinkedOnceTheCreatorIsGone) {
+  auto a = Arena::Create(4096);
+  ASSERT_TRUE(a.ok());
+  auto opened = Arena::Open((*a)->name(), 4096);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  EXPECT_FALSE((*opened)->Unlinked());
+  a->reset();
+  EXPECT_TRUE((*opened)->Unlinked());
+}
+
+TEST(ShmArenaTest, RemoveOrphanedArenasKeepsOnlyObjectsWithALiveCreator) {
+  // A worker killed with SIGKILL leaves its arena behind.
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe(pipe_fds), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto arena = Arena::Create(1 << 16);
+    if (!arena.ok()) ::_exit(1);
+    const std::string& n = (*arena)->name();
+    if (::write(pipe_fds[1], n.data(), n.size()) != static_cast<ssize_t>(n.size())) ::_exit(1);
+    ::close(pipe_fds[1]);
+    for (;;) ::pause();
+  }
+  ::close(pipe_fds[1]);
+  std::string killed_name;
+  char buf[256];
+  for (ssize_t got; (got = ::read(pipe_fds[0], buf, sizeof buf)) > 0;) killed_name.append(buf, got);
+  ::close(pipe_fds[0]);
+  ::kill(child, SIGKILL);
+  int wstatus = 0;
+  ASSERT_EQ(::waitpid(child, &wstatus, 0), child);
+  ASSERT_TRUE(IsArenaName(killed_name)) << killed_name;
+  ASSERT_TRUE(ShmExists(killed_name));
+
+  const std::string unlocked = MakeBareObject("unlocked", 4096);  // no creator holds it
+  const std::string empty = MakeBareObject("empty", 0);  // a creator before its lock, or so
+  auto live = Arena::Create(4096);  // removes the orphans itself, as a restarted worker would
+  ASSERT_TRUE(live.ok());
+  RemoveOrphanedArenas();  // and again, with nothing left to remove but with `live` present
+  EXPECT_FALSE(ShmExists(killed_name));
+  EXPECT_FALSE(ShmExists(unlocked));
+  EXPECT_TRUE(ShmExists(empty));
+  EXPECT_TRUE(ShmExists((*live)->name()));
+  EXPECT_TRUE(Arena::Open((*live)->name(), 4096).ok());
+  ::shm_unlink(empty.c_str());
 }
 
 TEST(ShmArenaTest, ContainsChecksBoundsWithoutOverflow) {

@@ -18,6 +18,7 @@
 #include "common/metrics/metrics.h"
 #include "common/shm/arena.h"
 #include "meft/v1/param_server.grpc.pb.h"
+#include "param_server/rpc/arena_registry.h"
 #include "param_server/rpc/service.h"
 #include "param_server/server/param_server.h"
 
@@ -380,6 +381,27 @@ TEST_F(ShmRpcTest, AttachErrors) {
   s = attach(*off, arena_->name(), arena_->size(), arena_->Nonce());
   EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_THAT(s.error_message(), HasSubstr("shm.attach"));
+}
+
+TEST(ArenaRegistryTest, AttachDropsArenasWhoseNameIsGone) {
+  rpc::ArenaRegistry registry;
+  auto first = shm::Arena::Create(4096);
+  ASSERT_TRUE(first.ok());
+  auto first_id = registry.Attach((*first)->name(), 4096, (*first)->Nonce());
+  ASSERT_TRUE(first_id.ok()) << first_id.status();
+  auto kept = shm::Arena::Create(4096);
+  ASSERT_TRUE(kept.ok());
+  auto kept_id = registry.Attach((*kept)->name(), 4096, (*kept)->Nonce());
+  ASSERT_TRUE(kept_id.ok()) << kept_id.status();
+  EXPECT_EQ(registry.size(), 2u);
+  // The first worker exits (its arena unlinks its name); a new one attaches under a new name.
+  first->reset();
+  auto second = shm::Arena::Create(4096);
+  ASSERT_TRUE(second.ok());
+  ASSERT_TRUE(registry.Attach((*second)->name(), 4096, (*second)->Nonce()).ok());
+  EXPECT_EQ(registry.size(), 2u);
+  EXPECT_EQ(registry.Find(*first_id).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(registry.Find(*kept_id).ok());
 }
 
 TEST(ShmAttachPolicyTest, AutoOnlyOnLoopback) {
