@@ -140,8 +140,13 @@ class GrpcParamClient final : public ParamClient {
         }
       }
       v1::LookupResponse response;
-      MEFT_RETURN_IF_ERROR(
-          CallWithArena(shm, "Lookup", &v1::ParamServer::Stub::Lookup, &request, &response));
+      const absl::Status called =
+          CallWithArena(shm, "Lookup", &v1::ParamServer::Stub::Lookup, &request, &response);
+      if (MayStillRun(called)) {
+        hold.Leak();
+        Leak(std::move(lease));
+      }
+      MEFT_RETURN_IF_ERROR(called);
       hold.Release();
       if (lease) {
         uint64_t used = 0;
@@ -194,8 +199,10 @@ class GrpcParamClient final : public ParamClient {
         PutFloats(shm, gate_grads, false, request.mutable_gate_grads(), &hold);
       }
       v1::GradientsResponse response;
-      return CallWithArena(shm, "Gradients", &v1::ParamServer::Stub::Gradients, &request,
-                           &response);
+      const absl::Status called =
+          CallWithArena(shm, "Gradients", &v1::ParamServer::Stub::Gradients, &request, &response);
+      if (MayStillRun(called)) hold.Leak();
+      return called;
     } catch (const c10::Error& e) {
       return absl::InternalError(absl::StrCat("Gradients: ", e.what_without_backtrace()));
     }
@@ -282,12 +289,44 @@ class GrpcParamClient final : public ParamClient {
       if (shm_ != nullptr) shm_->Free(regions_);
       regions_.clear();
     }
+    // Forgets the regions without returning them to the allocator (see MayStillRun).
+    void Leak() { regions_.clear(); }
     std::vector<shm::Region>* regions() { return &regions_; }
 
    private:
     ShmTransport* const shm_;
     std::vector<shm::Region> regions_;
   };
+
+  // Whether the server's handler may still be running after a call ended with `s` (the deadline
+  // passed, the connection broke, or the outcome is unknown), and so may still read the request's
+  // arena regions or write its answer into the response region. Such regions must not be handed
+  // out again; only OK and definite rejections prove that the handler is done with them.
+  static bool MayStillRun(const absl::Status& s) {
+    switch (s.code()) {
+      case absl::StatusCode::kOk:
+      case absl::StatusCode::kInvalidArgument:
+      case absl::StatusCode::kFailedPrecondition:
+      case absl::StatusCode::kNotFound:
+      case absl::StatusCode::kOutOfRange:
+      case absl::StatusCode::kResourceExhausted:
+      case absl::StatusCode::kUnauthenticated:
+      case absl::StatusCode::kPermissionDenied:
+      case absl::StatusCode::kAlreadyExists:
+        return false;
+      default:
+        return true;
+    }
+  }
+
+  // Keeps the response region of a call the server may still be answering out of the allocator
+  // until the client is destroyed: a deliberate leak (rare: timeouts and broken connections),
+  // bounded by the arena, which a new client's arena replaces.
+  void Leak(std::shared_ptr<ResponseLease> lease) {
+    if (!lease) return;
+    std::lock_guard lock(leaked_mu_);
+    leaked_.push_back(std::move(lease));
+  }
 
   // `t` into the arena when there is one with room, else inline.
   static void PutFloats(ShmTransport* shm, const torch::Tensor& t, bool bf16, v1::Tensor* out,
@@ -314,26 +353,33 @@ class GrpcParamClient final : public ParamClient {
     return shm->AllocateResponse(bound);
   }
 
-  // The shared-memory transport, or null for inline tensors; decided at the first call.
+  // The shared-memory transport, or null for inline tensors; decided at the first call that
+  // gets a definite answer (a transient failure, such as the server being down or still
+  // loading, is decided again at the next call).
   absl::StatusOr<ShmTransport*> Transport() {
     std::lock_guard lock(transport_mu_);
     if (transport_decided_) {
       if (!transport_error_.ok()) return transport_error_;
       return shm_.get();
     }
-    transport_decided_ = true;
     if (options_.transport == GrpcClientOptions::Transport::kGrpc) {
+      transport_decided_ = true;
       spdlog::info("transport to {}: gRPC (meft.transport: grpc)", options_.address);
       return nullptr;
     }
     const bool required = options_.transport == GrpcClientOptions::Transport::kShm;
     absl::Status status;
-    if (!rpc::IsLoopback(options_.address)) {
+    // With auto, only loopback addresses try the arena. With shm, any address does (a compose
+    // service name, say): AttachArena's nonce check proves that both share the host.
+    if (!required && !rpc::IsLoopback(options_.address)) {
       status = absl::FailedPreconditionError(
           absl::StrCat(options_.address, " is not a loopback address"));
     } else {
       status = SetUpShm();
     }
+    const bool transient = absl::IsUnavailable(status) || absl::IsDeadlineExceeded(status) ||
+                           absl::IsCancelled(status) || absl::IsAborted(status);
+    transport_decided_ = !transient;
     if (status.ok()) {
       spdlog::info("transport to {}: shared memory (arena {}, {} MiB{})", options_.address,
                    shm_->arena().name(), shm_->arena().size() >> 20,
@@ -342,11 +388,17 @@ class GrpcParamClient final : public ParamClient {
     }
     shm_.reset();
     if (required) {
-      transport_error_ = absl::Status(
+      const absl::Status error = absl::Status(
           status.code(),
           absl::StrCat("meft.transport: shm, but the shared-memory arena cannot be used: ",
                        status.message()));
-      return transport_error_;
+      if (!transient) transport_error_ = error;
+      return error;
+    }
+    if (transient) {
+      spdlog::debug("transport to {}: gRPC for now (shared memory not set up yet: {})",
+                    options_.address, std::string(status.message()));
+      return nullptr;
     }
     spdlog::info("transport to {}: gRPC (shared memory not used: {})", options_.address,
                  std::string(status.message()));
@@ -417,11 +469,13 @@ class GrpcParamClient final : public ParamClient {
   const std::string authorization_;
   std::unique_ptr<v1::ParamServer::Stub> stub_;
   std::mutex transport_mu_;            // guards the four members below until decided
-  bool transport_decided_ = false;     // Transport() ran
+  bool transport_decided_ = false;     // Transport() reached a lasting decision
   absl::Status transport_error_;       // why meft.transport: shm cannot work
   std::shared_ptr<ShmTransport> shm_;  // null = inline tensors; fixed once decided
   ServerDescription server_;           // the server's description when shm_ was set up
   std::mutex attach_mu_;               // serialises re-attaching
+  std::mutex leaked_mu_;
+  std::vector<std::shared_ptr<ResponseLease>> leaked_;  // see Leak
 };
 
 }  // namespace

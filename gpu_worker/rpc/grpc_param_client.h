@@ -27,8 +27,9 @@ struct GrpcClientOptions {
   std::string token_file;
   // Same-host transport (DESIGN §3). kAuto: when `address` is a loopback address, tensors go
   // through a shared-memory arena that the server attaches, else (or when attaching fails)
-  // inline in gRPC messages; the choice is logged once. kShm: the arena is required (calls fail
-  // when it cannot be attached). kGrpc: always inline.
+  // inline in gRPC messages; the choice is logged once. kShm: the arena is required at any
+  // address (AttachArena's nonce proves the shared host; calls fail when it cannot be attached).
+  // kGrpc: always inline. A transient set-up failure (server unavailable) is retried next call.
   enum class Transport { kAuto, kShm, kGrpc };
   Transport transport = Transport::kAuto;
   // Arena size in bytes; 0 = DefaultArenaBytes of the server's description. At least 1 MiB.
@@ -42,8 +43,9 @@ absl::StatusOr<GrpcClientOptions::Transport> ParseTransport(const std::string& n
 
 // Reads the TLS and token files once (errors name the option and file) and connects lazily;
 // every call returns the server's status with the method named. The transport is chosen at the
-// first Lookup or Gradients call. Thread-safe: calls may run concurrently from several threads.
-// Answer tensors may alias the shared-memory arena; they stay valid after the client is gone.
+// first Lookup or Gradients call that gets a definite answer from the server. Thread-safe: calls
+// may run concurrently from several threads. Answer tensors may alias the shared-memory arena; they
+// stay valid after the client is gone.
 absl::StatusOr<std::unique_ptr<ParamClient>> CreateGrpcParamClient(
     const GrpcClientOptions& options);
 

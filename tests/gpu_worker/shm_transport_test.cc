@@ -1,7 +1,8 @@
 // The worker's gRPC client with the same-host shared-memory transport against real in-process
 // parameter servers: answers bit-identical to the inline gRPC transport over a training step,
 // fallback and errors when the arena cannot be attached, re-attaching after the server lost it,
-// concurrent lookups, and answer tensors that outlive the client.
+// concurrent lookups, answer tensors that outlive the client, shm at non-loopback addresses,
+// and retrying the set-up after a transient failure.
 
 #include "gpu_worker/rpc/shm_transport.h"
 
@@ -295,6 +296,55 @@ TEST(ShmTransportTest, AnswersOutliveTheClient) {
     kept = *r;
   }
   ExpectSame(kept, *expected);
+}
+
+// meft.transport: shm attaches at an address that is not a numeric loopback one (a compose
+// service name, say); AttachArena's nonce proves the shared host. auto keeps such addresses on
+// gRPC.
+TEST(ShmTransportTest, ShmAttachesAtANonLoopbackAddress) {
+  auto served = Serve(Options());
+  ASSERT_TRUE(served);
+  const std::string address = "ipv4:" + served->address;  // not loopback to rpc::IsLoopback
+  const torch::Tensor x = X(4, 32, 13);
+  auto required = Client(address, Transport::kShm);
+  auto a = required->Lookup({.layer = 0}, x, torch::Tensor(), false);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(served->Attaches(), 1.0);
+  auto autod = Client(address, Transport::kAuto);
+  auto b = autod->Lookup({.layer = 0}, x, torch::Tensor(), false);
+  ASSERT_TRUE(b.ok()) << b.status();
+  ExpectSame(*a, *b);
+  EXPECT_EQ(served->Attaches(), 1.0);
+}
+
+// A transient failure while setting up the arena (the server not up yet) is not remembered:
+// once the server answers, meft.transport: shm works.
+TEST(ShmTransportTest, TransientSetupFailureIsRetried) {
+  auto served = Serve(Options());
+  ASSERT_TRUE(served);
+  served->running->Shutdown(1.0);
+  auto shm = Client(served->address, Transport::kShm);
+  const torch::Tensor x = X(4, 32, 17);
+  auto down = shm->Lookup({.layer = 0}, x, torch::Tensor(), false);
+  EXPECT_EQ(down.status().code(), absl::StatusCode::kUnavailable) << down.status();
+
+  metrics::Registry restarted_registry;
+  rpc::RpcOptions o;
+  o.listen = served->address;
+  auto restarted = rpc::StartServer(o, served->domain.get(), &restarted_registry);
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  absl::StatusOr<LookupResult> up = down;
+  for (int i = 0; i < 100 && absl::IsUnavailable(up.status()); ++i) {
+    if (i > 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    up = shm->Lookup({.layer = 0}, x, torch::Tensor(), false);
+  }
+  ASSERT_TRUE(up.ok()) << up.status();
+  EXPECT_EQ(
+      restarted_registry
+          .AddCounter("meft_ps_requests_total", "", {{"method", "AttachArena"}, {"code", "OK"}})
+          .Value(),
+      1.0);
+  (*restarted)->Shutdown(1.0);
 }
 
 TEST(ShmTransportTest, ArenaTooSmallForAnAnswer) {
