@@ -79,19 +79,25 @@ absl::StatusOr<ConnectedServers> ConnectParamServers(const WorkerConfig& c,
   out.addresses = absl::StrJoin(addresses, ",");
   const BackoffOptions backoff = ReconnectBackoff(c);
   std::vector<ParamShard> shards;
+  std::vector<ServerDescription> descriptions;
   for (const std::string& address : addresses) {
     GrpcClientOptions o = base;
     o.address = address;
     MEFT_ASSIGN_OR_RETURN(std::unique_ptr<ParamClient> client, CreateGrpcParamClient(o));
-    MEFT_ASSIGN_OR_RETURN(out.description, DescribeWhenReady(*client, out.key, address, backoff));
+    MEFT_ASSIGN_OR_RETURN(ServerDescription d,
+                          DescribeWhenReady(*client, out.key, address, backoff));
+    descriptions.push_back(std::move(d));
     shards.push_back({address, std::move(client)});
   }
   if (shards.size() == 1) {
+    out.description = std::move(descriptions[0]);
     out.client = std::move(shards[0].client);
     return out;
   }
   MEFT_ASSIGN_OR_RETURN(auto sharded, ShardedParamClient::Create(std::move(shards)));
-  MEFT_ASSIGN_OR_RETURN(out.description, sharded->Describe());
+  // Not sharded->Describe(): it insists on one step, and shards restarted from different
+  // checkpoints are only brought together by --resume after this (Trainer::Run checks the step).
+  MEFT_ASSIGN_OR_RETURN(out.description, MergeShardDescriptions(addresses, descriptions));
   out.client = std::move(sharded);
   return out;
 }

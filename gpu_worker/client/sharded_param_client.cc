@@ -1,6 +1,7 @@
 #include "gpu_worker/client/sharded_param_client.h"
 
 #include <algorithm>
+#include <exception>
 #include <functional>
 #include <thread>
 
@@ -12,13 +13,14 @@
 namespace meft::worker {
 namespace {
 
-// The fields every shard must agree on, by name, for error messages.
+// The fields every shard must agree on, by name, for error messages. Not the step: a shard
+// restarted from an older checkpoint is behind until the worker resumes and rolls them all back.
 std::vector<std::pair<const char*, int64_t>> SharedFields(const ServerDescription& d) {
   return {{"rows (r)", d.rows},         {"dim (d)", d.dim},
           {"experts (E)", d.experts},   {"n_probe", d.n_probe},
           {"top_k", d.top_k},           {"max_rows", d.max_rows},
           {"max_tokens", d.max_tokens}, {"mode (per_token)", d.per_token ? 1 : 0},
-          {"gated", d.gated ? 1 : 0},   {"step", static_cast<int64_t>(d.step)}};
+          {"gated", d.gated ? 1 : 0}};
 }
 
 }  // namespace
@@ -40,6 +42,7 @@ absl::StatusOr<ServerDescription> MergeShardDescriptions(
             " disagree on ", want[f].first, ": ", want[f].second, " vs ", got[f].second));
       }
     }
+    merged.step = std::min(merged.step, descriptions[i].step);
     for (uint32_t l : descriptions[i].layers) {
       const auto [it, inserted] = owner.emplace(l, i);
       if (!inserted) {
@@ -87,12 +90,34 @@ absl::StatusOr<std::vector<ServerDescription>> ShardedParamClient::DescribeAll()
 
 absl::Status ShardedParamClient::ForEachShard(const std::function<absl::Status(size_t)>& fn) const {
   std::vector<absl::Status> results(shards_.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 1; i < shards_.size(); ++i) {
-    threads.emplace_back([&results, &fn, i] { results[i] = fn(i); });
-  }
-  results[0] = fn(0);
-  for (std::thread& t : threads) t.join();
+  // No exception leaves a shard's call (that would terminate the process), and every
+  // started thread is joined even when starting the next one throws.
+  const auto run = [&results, &fn](size_t i) {
+    try {
+      results[i] = fn(i);
+    } catch (const std::exception& e) {
+      results[i] = absl::InternalError(absl::StrCat("parameter server shard ", i, ": ", e.what()));
+    } catch (...) {
+      results[i] = absl::InternalError(absl::StrCat("parameter server shard ", i, ": exception"));
+    }
+  };
+  struct JoinAll {
+    std::vector<std::thread> threads;
+    ~JoinAll() {
+      for (std::thread& t : threads) t.join();
+    }
+  };
+  {
+    JoinAll started;
+    try {
+      started.threads.reserve(shards_.size());
+      for (size_t i = 1; i < shards_.size(); ++i) started.threads.emplace_back(run, i);
+    } catch (const std::exception& e) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("starting a thread per parameter server shard: ", e.what()));
+    }
+    run(0);
+  }  // joins every started thread
   for (const absl::Status& s : results) MEFT_RETURN_IF_ERROR(s);
   return absl::OkStatus();
 }
@@ -169,6 +194,15 @@ absl::Status ShardedParamClient::RestoreCheckpoint(const std::string& path) {
 absl::StatusOr<ServerDescription> ShardedParamClient::Describe() {
   MEFT_ASSIGN_OR_RETURN(const std::vector<ServerDescription> all, DescribeAll());
   MEFT_ASSIGN_OR_RETURN(ServerDescription merged, MergeShardDescriptions(addresses_, all));
+  for (size_t i = 1; i < all.size(); ++i) {
+    if (all[i].step != all[0].step) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "meft.servers: the parameter server ", addresses_[0], " is at optimizer step ",
+          all[0].step, " but ", addresses_[i], " is at step ", all[i].step,
+          ": restart them from checkpoints of the same step, or resume the worker from a "
+          "checkpoint (--resume), which rolls every server back to it"));
+    }
+  }
   if (merged.layers != layers_) {
     return absl::FailedPreconditionError(absl::StrCat(
         "meft.servers: the servers now own layers [", absl::StrJoin(merged.layers, ","), "], not [",

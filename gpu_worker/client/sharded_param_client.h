@@ -23,9 +23,10 @@ struct ParamShard {
   std::unique_ptr<ParamClient> client;
 };
 
-// The description of the shards together: every field but `layers` must agree (error naming
-// both shard addresses and the field), owned layers must be disjoint (error naming the layer and
-// both shards); `layers` is their sorted union. `descriptions[i]` belongs to `addresses[i]`.
+// The description of the shards together: every field but `layers` and `step` must agree (error
+// naming both shard addresses and the field), owned layers must be disjoint (error naming the
+// layer and both shards); `layers` is their sorted union and `step` the lowest shard step.
+// `descriptions[i]` belongs to `addresses[i]`.
 absl::StatusOr<ServerDescription> MergeShardDescriptions(
     const std::vector<std::string>& addresses, const std::vector<ServerDescription>& descriptions);
 
@@ -37,7 +38,8 @@ std::vector<std::string> SplitShardCheckpoints(const std::string& joined);
 class ShardedParamClient final : public ParamClient {
  public:
   // Describes every shard (errors as MergeShardDescriptions; an unreachable shard's error names
-  // its address) and fixes the layer routing. At least one shard.
+  // its address) and fixes the layer routing. At least one shard. The shards may be at different
+  // steps (RestoreCheckpoint brings them together).
   static absl::StatusOr<std::unique_ptr<ShardedParamClient>> Create(std::vector<ParamShard> shards);
 
   // Thread-safe for concurrent calls on different layers (the routing never changes after
@@ -55,7 +57,8 @@ class ShardedParamClient final : public ParamClient {
   absl::StatusOr<std::string> SaveCheckpoint(const std::string& directory) override;
   // `path` holds one path per shard (JoinShardCheckpoints); each shard restores its own.
   absl::Status RestoreCheckpoint(const std::string& path) override;
-  // Describes every shard again; the layers must still be the ones routed at Create.
+  // Describes every shard again; the layers must still be the ones routed at Create and every
+  // shard must be at the same step (FAILED_PRECONDITION naming two shards and their steps).
   absl::StatusOr<ServerDescription> Describe() override;
   // The lowest step over the shards (a restarted shard is behind the others).
   absl::StatusOr<uint64_t> RestartStep() override;

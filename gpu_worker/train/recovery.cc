@@ -2,7 +2,9 @@
 // from its last checkpoint (DESIGN §7).
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/io/file_util.h"
@@ -24,10 +26,26 @@ absl::Status Trainer::RecoverFromServerLoss(const absl::Status& failure,
   std::fprintf(stderr, "\nparameter server lost at step %lld: %s\n", static_cast<long long>(step_),
                std::string(failure.message()).c_str());
   uint64_t server_step = 0;
+  // A stop request (SIGTERM) ends the wait within a poll interval.
+  bool stopped = false;
+  const auto stop_requested = [&] {
+    if (!stopped && options_.stop_requested) stopped = options_.stop_requested();
+    return stopped;
+  };
   BackoffOptions backoff;
   backoff.timeout_seconds = options_.reconnect_timeout_seconds;
+  backoff.sleep = [&](double seconds) {
+    constexpr double kPollSeconds = 0.1;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+    while (!stop_requested() && std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(
+          std::min(std::chrono::duration<double>(kPollSeconds),
+                   std::chrono::duration<double>(until - std::chrono::steady_clock::now())));
+    }
+  };
   const absl::Status back = RetryWhileUnavailable(
       [&]() -> absl::Status {
+        if (stop_requested()) return absl::CancelledError("stop requested");
         MEFT_ASSIGN_OR_RETURN(server_step, target_.server->RestartStep());
         return absl::OkStatus();
       },
@@ -35,6 +53,12 @@ absl::Status Trainer::RecoverFromServerLoss(const absl::Status& failure,
       [](const absl::Status&, double seconds) {
         std::fprintf(stderr, "server unavailable; retrying in %g s\n", seconds);
       });
+  if (stopped) {
+    return absl::CancelledError(
+        absl::StrCat("stop requested at step ", step_,
+                     " while waiting for the parameter server to come back; no checkpoint was "
+                     "written (resume from the last one)"));
+  }
   if (!back.ok()) {
     return absl::Status(back.code(),
                         absl::StrCat("the parameter server did not come back within "

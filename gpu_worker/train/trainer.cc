@@ -204,7 +204,35 @@ absl::StatusOr<std::vector<StepStats>> Trainer::Run(
   const int64_t first = step_;
   int64_t tokens = 0;
   double smoothed = 0.0;
-  while (step_ < options_.max_steps) {
+  // Every failure while the server may be gone (a step, its Step finishing in the background,
+  // evaluation, a checkpoint) goes to RecoverFromServerLoss. A second recovery to the same step
+  // with no step done in between, or after failing at the same step again, fails: the server
+  // keeps failing the same way.
+  int64_t recovered_to = -1, failed_at = -1;
+  bool progressed = false;
+  const auto recover = [&](const absl::Status& failure) -> absl::Status {
+    const int64_t failing_step = step_;
+    MEFT_RETURN_IF_ERROR(RecoverFromServerLoss(failure, &history));
+    if (step_ == recovered_to && (!progressed || failing_step == failed_at)) {
+      return absl::Status(
+          failure.code(),
+          absl::StrCat("training failed again at step ", failing_step, " after recovering to step ",
+                       step_, " with no progress: ", failure.message()));
+    }
+    recovered_to = step_;
+    failed_at = failing_step;
+    progressed = false;
+    return absl::OkStatus();
+  };
+  while (true) {
+    if (step_ >= options_.max_steps) {
+      // The last Step may still run in the background.
+      const absl::Status last =
+          target_.meft != nullptr ? target_.meft->WaitForStep() : absl::OkStatus();
+      if (last.ok()) break;
+      MEFT_RETURN_IF_ERROR(recover(last));
+      continue;
+    }
     if (options_.stop_requested && options_.stop_requested()) {
       std::fprintf(stderr, "%sstop requested at step %lld\n", tty ? "\n" : "",
                    static_cast<long long>(step_));
@@ -213,19 +241,21 @@ absl::StatusOr<std::vector<StepStats>> Trainer::Run(
         std::fprintf(stderr, "checkpoint %s (continue with --resume %s)\n", path.c_str(),
                      path.c_str());
       }
+      if (target_.meft != nullptr) MEFT_RETURN_IF_ERROR(target_.meft->WaitForStep());
       break;
     }
     absl::StatusOr<StepStats> attempt = TrainStep();
     if (!attempt.ok()) {
-      MEFT_RETURN_IF_ERROR(RecoverFromServerLoss(attempt.status(), &history));
+      MEFT_RETURN_IF_ERROR(recover(attempt.status()));
       continue;
     }
+    progressed = true;
     const StepStats stats = *attempt;
     history.push_back(stats);
     tokens += stats.tokens;
     smoothed = history.size() == 1 ? stats.loss : 0.9 * smoothed + 0.1 * stats.loss;
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
-    const double per_step = elapsed / static_cast<double>(step_ - first);
+    const double per_step = elapsed / static_cast<double>(std::max<int64_t>(1, step_ - first));
     const double eta = per_step * static_cast<double>(options_.max_steps - step_);
     const bool log_now =
         step_ % std::max<int64_t>(1, options_.log_every) == 0 || step_ == options_.max_steps;
@@ -240,16 +270,31 @@ absl::StatusOr<std::vector<StepStats>> Trainer::Run(
                    FormatDuration(eta).c_str(), tty && !(step_ == options_.max_steps) ? "" : "\n");
       std::fflush(stderr);
     }
-    if (after_step) MEFT_RETURN_IF_ERROR(after_step(stats));  // evaluation waits for the Step
+    if (after_step) {
+      // Evaluation waits for the Step without reporting it; a failed Step is the cause of a
+      // failed evaluation, so it is the one reported (and recovered from).
+      absl::Status after = after_step(stats);
+      if (!after.ok()) {
+        if (target_.meft != nullptr) {
+          absl::Status step_status = target_.meft->WaitForStep();
+          if (!step_status.ok()) after = std::move(step_status);
+        }
+        MEFT_RETURN_IF_ERROR(recover(after));
+        continue;
+      }
+    }
     const bool save_now = options_.save_every > 0 && step_ % options_.save_every == 0;
     if (!options_.output_dir.empty() && (save_now || step_ == options_.max_steps)) {
-      MEFT_ASSIGN_OR_RETURN(const std::string path, SaveCheckpoint());
+      absl::StatusOr<std::string> path = SaveCheckpoint();
+      if (!path.ok()) {
+        MEFT_RETURN_IF_ERROR(recover(path.status()));
+        continue;
+      }
       if (options_.progress) {
-        std::fprintf(stderr, "%scheckpoint %s\n", tty ? "\n" : "", path.c_str());
+        std::fprintf(stderr, "%scheckpoint %s\n", tty ? "\n" : "", path->c_str());
       }
     }
   }
-  if (target_.meft != nullptr) MEFT_RETURN_IF_ERROR(target_.meft->WaitForStep());
   return history;
 }
 

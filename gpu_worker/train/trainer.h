@@ -47,7 +47,8 @@ struct TrainerOptions {
   // backoff) before resuming from output_dir/checkpoint-<the step it restarted at>/; 0 = fail.
   double reconnect_timeout_seconds = 0;
   // Polled before every optimizer step (may be empty); true = write a checkpoint (when
-  // output_dir is set) and return, e.g. after SIGTERM.
+  // output_dir is set) and return, e.g. after SIGTERM. Also polled (every 0.1 s) while waiting
+  // for a lost parameter server: Run then returns CANCELLED. Called from Run's thread only.
   std::function<bool()> stop_requested;
 };
 
@@ -74,7 +75,10 @@ class Trainer {
 
   // Trains from step() to max_steps. `after_step` (may be empty) runs after every optimizer step
   // (evaluation hooks); an error from it stops training. Checkpoints every save_every steps and
-  // at the end when output_dir is set. Returns the per-step statistics of this run.
+  // at the end when output_dir is set. Returns the per-step statistics of this run. With
+  // reconnect_timeout_seconds, a parameter server lost during a step, its background Step,
+  // after_step or a checkpoint is waited for and training resumes (RecoverFromServerLoss); a
+  // second recovery to the same step without progress fails instead.
   absl::StatusOr<std::vector<StepStats>> Run(
       const std::function<absl::Status(const StepStats&)>& after_step = {});
 

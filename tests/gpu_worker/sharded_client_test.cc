@@ -91,10 +91,12 @@ TEST(MergeShardDescriptionsTest, UnionOfDisjointLayersAndClearErrors) {
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(bad.status().message(), HasSubstr("a:1 and b:2 disagree on top_k: 16 vs 8"));
 
+  // A shard restarted from an older checkpoint is behind: the lowest step, for --resume.
   other = Describe({1});
   other.step = 6;
-  bad = MergeShardDescriptions({"a:1", "b:2"}, {Describe({0}), other});
-  EXPECT_THAT(bad.status().message(), HasSubstr("disagree on step: 7 vs 6"));
+  merged = MergeShardDescriptions({"a:1", "b:2"}, {Describe({0}), other});
+  ASSERT_TRUE(merged.ok()) << merged.status();
+  EXPECT_EQ(merged->step, 6u);
 
   bad = MergeShardDescriptions({"a:1", "b:2", "c:3"},
                                {Describe({0, 1}), Describe({2}), Describe({3, 1})});
@@ -307,6 +309,30 @@ TEST_F(ShardedTrainingTest, ConcurrentLookupsOnDifferentLayersRouteToTheirShard)
   auto missing = two->client->Lookup({.step = 0, .micro_step = 0, .layer = 5}, x, {}, false);
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(missing.status().message(), HasSubstr("layer 5"));
+}
+
+TEST_F(ShardedTrainingTest, ShardsAtDifferentStepsConnectButAFreshRunFailsClearly) {
+  auto two = MakeRun({{0}, {1}}, root_ / "two", SmallTraining());
+  GrpcClientOptions co;
+  co.address = two->servers[1]->address();
+  ASSERT_TRUE((*CreateGrpcParamClient(co))->Step(0, 0.0, 1.0).ok());
+  // Connecting works (a --resume would roll both back) and reports the lowest step.
+  std::vector<ParamShard> shards;
+  for (const auto& s : two->servers) {
+    co.address = s->address();
+    shards.push_back({co.address, *CreateGrpcParamClient(co)});
+  }
+  auto again = ShardedParamClient::Create(std::move(shards));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(*(*again)->RestartStep(), 0u);
+  auto described = (*again)->Describe();
+  EXPECT_EQ(described.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(described.status().message(), HasSubstr("is at optimizer step 0 but"));
+  EXPECT_THAT(described.status().message(), HasSubstr("is at step 1"));
+  // Training from step 0 without resuming stops before the first step.
+  auto history = two->trainer->Run();
+  EXPECT_EQ(history.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(history.status().message(), HasSubstr("is at step 1"));
 }
 
 TEST_F(ShardedTrainingTest, ShardRestartedFromItsCheckpointIsWaitedForAndTrainingResumes) {

@@ -214,5 +214,28 @@ TEST(TrainerErrorTest, MismatchedServerStepAndBadCheckpointAreClearErrors) {
   fs::remove_all(dir);
 }
 
+TEST(TrainerErrorTest, StopRequestEndsTheWaitForALostServer) {
+  auto w = MakeWorld("meft");
+  TrainerOptions o;
+  o.max_steps = 4;
+  o.progress = false;
+  o.reconnect_timeout_seconds = 600;
+  bool crashed = false;
+  int polls_after_crash = 0;
+  // False at the poll before the next step, true from the recovery's wait on.
+  o.stop_requested = [&] { return crashed && polls_after_crash++ > 0; };
+  auto t = *Trainer::Create(w->model.get(), w->target, w->loader.get(), o);
+  auto r = t->Run([&](const StepStats& stats) -> absl::Status {
+    if (stats.step == 1) {
+      EXPECT_TRUE(w->meft->WaitForStep().ok());
+      w->running.reset();  // the server goes away and does not come back
+      crashed = true;
+    }
+    return absl::OkStatus();
+  });
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  EXPECT_THAT(r.status().message(), HasSubstr("stop requested at step 1"));
+}
+
 }  // namespace
 }  // namespace meft::worker
