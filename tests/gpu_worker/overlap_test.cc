@@ -154,7 +154,6 @@ TEST_P(OverlapTrainingTest, BitIdenticalWithAndWithoutOverlap) {
     EXPECT_EQ(t->lookups, steps * accum * 3);
     EXPECT_EQ(t->gradient_sends, steps * accum * 3);
     EXPECT_EQ(t->steps, steps);
-    EXPECT_GE(t->call_seconds, 0.0);
   }
 }
 
