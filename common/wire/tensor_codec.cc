@@ -152,40 +152,46 @@ void DecodeInt32(const WireTensor& tensor, std::vector<int32_t>* out) {
   std::memcpy(out->data(), tensor.data.data(), out->size() * sizeof(int32_t));
 }
 
-void EncodeFloats(std::span<const float> values, DType dtype, std::string* out) {
-  const size_t start = out->size();
+void EncodeFloatsTo(std::span<const float> values, DType dtype, char* dst) {
   if (values.empty()) return;  // values.data() may be null, which memcpy does not allow
   if (dtype == DType::kFp32) {
-    out->resize(start + values.size() * sizeof(float));
-    std::memcpy(out->data() + start, values.data(), values.size() * sizeof(float));
+    std::memcpy(dst, values.data(), values.size() * sizeof(float));
     return;
   }
-  out->resize(start + values.size() * sizeof(uint16_t));
-  char* dst = out->data() + start;
   for (size_t i = 0; i < values.size(); ++i) {
     const uint16_t v = FloatToBf16(values[i]);
     std::memcpy(dst + 2 * i, &v, sizeof(v));
   }
 }
 
-void EncodeRows(const float* base, int64_t dim, std::span<const int32_t> row_ids, DType dtype,
-                std::string* out) {
-  const size_t elem = DTypeSize(dtype);
+void EncodeFloats(std::span<const float> values, DType dtype, std::string* out) {
+  if (values.empty()) return;
+  if (dtype == DType::kFp32) {
+    // append copies once; resize would first fill the new bytes with zeros.
+    out->append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float));
+    return;
+  }
   const size_t start = out->size();
-  out->resize(start + row_ids.size() * static_cast<size_t>(dim) * elem);
-  char* dst = out->data() + start;
+  out->resize(start + values.size() * DTypeSize(dtype));
+  EncodeFloatsTo(values, dtype, out->data() + start);
+}
+
+void EncodeRowsTo(const float* base, int64_t dim, std::span<const int32_t> row_ids, DType dtype,
+                  char* dst) {
+  const size_t row_bytes = static_cast<size_t>(dim) * DTypeSize(dtype);
   for (size_t r = 0; r < row_ids.size(); ++r) {
     const float* src = base + static_cast<int64_t>(row_ids[r]) * dim;
-    char* row_dst = dst + r * static_cast<size_t>(dim) * elem;
-    if (dtype == DType::kFp32) {
-      std::memcpy(row_dst, src, static_cast<size_t>(dim) * sizeof(float));
-    } else {
-      for (int64_t j = 0; j < dim; ++j) {
-        const uint16_t v = FloatToBf16(src[j]);
-        std::memcpy(row_dst + 2 * j, &v, sizeof(v));
-      }
-    }
+    EncodeFloatsTo(std::span<const float>(src, static_cast<size_t>(dim)), dtype,
+                   dst + r * row_bytes);
   }
+}
+
+void EncodeRows(const float* base, int64_t dim, std::span<const int32_t> row_ids, DType dtype,
+                std::string* out) {
+  const size_t start = out->size();
+  out->resize(start + row_ids.size() * static_cast<size_t>(dim) * DTypeSize(dtype));
+  if (row_ids.empty()) return;
+  EncodeRowsTo(base, dim, row_ids, dtype, out->data() + start);
 }
 
 void EncodeInt32(std::span<const int32_t> values, std::string* out) {

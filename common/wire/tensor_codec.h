@@ -5,6 +5,7 @@
 // proto messages onto WireTensor and back.
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -32,12 +33,16 @@ struct WireTensor {
   absl::string_view data;
 };
 
-// A tensor to send: owns its bytes. `present` is false for an absent optional field.
+// A tensor to send: owns its bytes, or names where they were written in memory the receiver
+// provided (`placed_offset`, then `data` is empty). `present` is false for an absent optional
+// field.
 struct Tensor {
   bool present = false;
   DType dtype = DType::kFp32;
   std::vector<int64_t> shape;
   std::string data;
+  std::optional<uint64_t> placed_offset;  // offset of the bytes in the receiver's memory
+  uint64_t placed_bytes = 0;              // their length, with placed_offset
 };
 
 // Expected form of a tensor. A dim of -1 in `shape` matches any size (and is bound by the
@@ -68,10 +73,15 @@ void DecodeInt32(const WireTensor& tensor, std::vector<int32_t>* out);
 
 // Appends `values` encoded as `dtype` (fp32 or bf16) to `out`.
 void EncodeFloats(std::span<const float> values, DType dtype, std::string* out);
+// Writes `values` encoded as `dtype` to `dst` (values.size() * DTypeSize(dtype) bytes).
+void EncodeFloatsTo(std::span<const float> values, DType dtype, char* dst);
 // Encodes `rows.size()` rows of `dim` floats, each taken from `base + row_ids[i] * dim`, as
 // `dtype` (fp32 or bf16), appending to `out`. Gathers and converts in one pass.
 void EncodeRows(const float* base, int64_t dim, std::span<const int32_t> row_ids, DType dtype,
                 std::string* out);
+// As EncodeRows, writing to `dst` (row_ids.size() * dim * DTypeSize(dtype) bytes).
+void EncodeRowsTo(const float* base, int64_t dim, std::span<const int32_t> row_ids, DType dtype,
+                  char* dst);
 void EncodeInt32(std::span<const int32_t> values, std::string* out);
 
 std::string ShapeString(std::span<const int64_t> shape);

@@ -51,6 +51,24 @@ absl::StatusOr<wire::WireTensor> Required(const v1::Tensor& tensor, absl::string
   return *std::move(t);
 }
 
+// The request's response_region as the call's output memory; nullopt when it offers none.
+absl::StatusOr<std::optional<server::LookupCall::Output>> OutputFromProto(
+    const v1::LookupRequest& request, const shm::Arena* arena) {
+  if (!request.has_response_region()) return std::nullopt;
+  if (arena == nullptr) {
+    return absl::InvalidArgumentError("response_region: set, but the request names no arena_id");
+  }
+  const uint64_t offset = request.response_region().offset();
+  const uint64_t capacity = request.response_region().bytes();
+  if (!arena->Contains(offset, capacity)) {
+    return absl::InvalidArgumentError(absl::StrCat("response_region: ", capacity,
+                                                   " bytes at offset ", offset,
+                                                   " do not lie inside the arena's usable range [",
+                                                   shm::kHeaderBytes, ", ", arena->size(), ")"));
+  }
+  return server::LookupCall::Output{arena->data(), offset, capacity, shm::kAlignment};
+}
+
 }  // namespace
 
 absl::StatusOr<std::optional<wire::WireTensor>> TensorFromProto(const v1::Tensor& tensor,
@@ -89,23 +107,6 @@ absl::StatusOr<std::optional<wire::WireTensor>> TensorFromProto(const v1::Tensor
   return out;
 }
 
-absl::StatusOr<std::optional<ResponseRegion>> ResponseRegionFromProto(
-    const v1::LookupRequest& request, const shm::Arena* arena) {
-  if (!request.has_response_region()) return std::nullopt;
-  if (arena == nullptr) {
-    return absl::InvalidArgumentError("response_region: set, but the request names no arena_id");
-  }
-  const uint64_t offset = request.response_region().offset();
-  const uint64_t capacity = request.response_region().bytes();
-  if (!arena->Contains(offset, capacity)) {
-    return absl::InvalidArgumentError(absl::StrCat("response_region: ", capacity,
-                                                   " bytes at offset ", offset,
-                                                   " do not lie inside the arena's usable range [",
-                                                   shm::kHeaderBytes, ", ", arena->size(), ")"));
-  }
-  return ResponseRegion{arena->data(), offset, capacity};
-}
-
 void TensorToProto(wire::Tensor&& tensor, v1::Tensor* out) {
   if (!tensor.present) return;
   out->set_dtype(DTypeToProto(tensor.dtype));
@@ -121,6 +122,7 @@ absl::StatusOr<server::LookupCall> FromProto(const v1::LookupRequest& request,
   MEFT_ASSIGN_OR_RETURN(call.token_mask,
                         TensorFromProto(request.token_mask(), "token_mask", arena));
   call.training = request.training();
+  MEFT_ASSIGN_OR_RETURN(call.output, OutputFromProto(request, arena));
   if (request.row_dtype() != v1::DTYPE_UNSPECIFIED) {
     MEFT_ASSIGN_OR_RETURN(call.row_dtype, DTypeFromProto(request.row_dtype(), "row_dtype"));
   }
@@ -147,53 +149,27 @@ server::StepCall FromProto(const v1::StepRequest& request) {
   return call;
 }
 
-void ToProto(server::LookupReply&& reply, v1::LookupResponse* out, const ResponseRegion* region) {
-  if (region != nullptr) {
-    const std::array<std::pair<wire::Tensor*, v1::Tensor*>, 8> fields = {{
-        {&reply.row_ids, out->mutable_row_ids()},
-        {&reply.keys, out->mutable_keys()},
-        {&reply.values, out->mutable_values()},
-        {&reply.token_rows, out->mutable_token_rows()},
-        {&reply.token_gates, out->mutable_token_gates()},
-        {&reply.token_experts, out->mutable_token_experts()},
-        {&reply.expert_ids, out->mutable_expert_ids()},
-        {&reply.router_rows, out->mutable_router_rows()},
-    }};
-    // Offsets are absolute (from the arena's start); each tensor starts 64-byte aligned.
-    const uint64_t end = region->begin + region->capacity;
-    uint64_t at = shm::AlignUp(region->begin);
-    bool fits = at <= end;
-    for (const auto& [tensor, proto] : fields) {
-      if (!fits || !tensor->present) continue;
-      const uint64_t bytes = tensor->data.size();
-      fits = at <= end && bytes <= end - at;
-      at = shm::AlignUp(at + bytes);
+void ToProto(server::LookupReply&& reply, v1::LookupResponse* out) {
+  const std::array<std::pair<wire::Tensor*, v1::Tensor*>, 8> fields = {{
+      {&reply.row_ids, out->mutable_row_ids()},
+      {&reply.keys, out->mutable_keys()},
+      {&reply.values, out->mutable_values()},
+      {&reply.token_rows, out->mutable_token_rows()},
+      {&reply.token_gates, out->mutable_token_gates()},
+      {&reply.token_experts, out->mutable_token_experts()},
+      {&reply.expert_ids, out->mutable_expert_ids()},
+      {&reply.router_rows, out->mutable_router_rows()},
+  }};
+  for (const auto& [tensor, proto] : fields) {
+    if (!tensor->present || !tensor->placed_offset.has_value()) {
+      TensorToProto(std::move(*tensor), proto);
+      continue;
     }
-    if (fits) {
-      at = shm::AlignUp(region->begin);
-      for (const auto& [tensor, proto] : fields) {
-        if (!tensor->present) continue;
-        proto->set_dtype(DTypeToProto(tensor->dtype));
-        for (int64_t d : tensor->shape) proto->add_shape(d);
-        const uint64_t bytes = tensor->data.size();
-        if (bytes > 0) std::memcpy(region->arena_base + at, tensor->data.data(), bytes);
-        proto->mutable_arena()->set_offset(at);
-        proto->mutable_arena()->set_bytes(bytes);
-        at = shm::AlignUp(at + bytes);
-      }
-      out->set_rows_dropped(reply.rows_dropped);
-      out->set_replayed(reply.replayed);
-      return;
-    }
+    proto->set_dtype(DTypeToProto(tensor->dtype));
+    for (int64_t d : tensor->shape) proto->add_shape(d);
+    proto->mutable_arena()->set_offset(*tensor->placed_offset);
+    proto->mutable_arena()->set_bytes(tensor->placed_bytes);
   }
-  TensorToProto(std::move(reply.row_ids), out->mutable_row_ids());
-  TensorToProto(std::move(reply.keys), out->mutable_keys());
-  TensorToProto(std::move(reply.values), out->mutable_values());
-  TensorToProto(std::move(reply.token_rows), out->mutable_token_rows());
-  TensorToProto(std::move(reply.token_gates), out->mutable_token_gates());
-  TensorToProto(std::move(reply.token_experts), out->mutable_token_experts());
-  TensorToProto(std::move(reply.expert_ids), out->mutable_expert_ids());
-  TensorToProto(std::move(reply.router_rows), out->mutable_router_rows());
   out->set_rows_dropped(reply.rows_dropped);
   out->set_replayed(reply.replayed);
 }

@@ -23,30 +23,20 @@ absl::StatusOr<std::optional<wire::WireTensor>> TensorFromProto(const v1::Tensor
                                                                 absl::string_view field,
                                                                 const shm::Arena* arena = nullptr);
 
-// Where the answer to a Lookup may be written in the arena: [begin, begin + capacity).
-struct ResponseRegion {
-  uint8_t* arena_base = nullptr;
-  uint64_t begin = 0;
-  uint64_t capacity = 0;
-};
-// The request's response_region checked against `arena` (null when the request names none);
-// nullopt when the request offers none. Errors name `response_region`.
-absl::StatusOr<std::optional<ResponseRegion>> ResponseRegionFromProto(
-    const v1::LookupRequest& request, const shm::Arena* arena);
 // Moves the bytes of `tensor` into `out`; leaves `out` untouched when !tensor.present.
 void TensorToProto(wire::Tensor&& tensor, v1::Tensor* out);
 
-// `arena`: the arena of the request's arena_id, null when it names none.
+// `arena`: the arena of the request's arena_id, null when it names none. A response_region
+// becomes the call's output (checked to lie inside the arena; errors name response_region).
 absl::StatusOr<server::LookupCall> FromProto(const v1::LookupRequest& request,
                                              const shm::Arena* arena = nullptr);
 absl::StatusOr<server::GradientsCall> FromProto(const v1::GradientsRequest& request,
                                                 const shm::Arena* arena = nullptr);
 server::StepCall FromProto(const v1::StepRequest& request);
 
-// With a `region`, every tensor of the answer is copied there (64-byte aligned, in field order)
-// and answered as an arena span when they all fit; otherwise, or without a region, inline.
-void ToProto(server::LookupReply&& reply, v1::LookupResponse* out,
-             const ResponseRegion* region = nullptr);
+// Tensors the server wrote into the call's output memory (placed_offset) become arena spans;
+// the others move their bytes into the message.
+void ToProto(server::LookupReply&& reply, v1::LookupResponse* out);
 void ToProto(const server::GradientsReply& reply, v1::GradientsResponse* out);
 void ToProto(const server::GradNormReply& reply, v1::GradNormResponse* out);
 void ToProto(const server::StepReply& reply, v1::StepResponse* out);

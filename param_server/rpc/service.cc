@@ -9,6 +9,7 @@
 #include <chrono>
 #include <exception>
 #include <fstream>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <optional>
@@ -51,6 +52,28 @@ bool ConstantTimeEquals(std::string_view expected, std::string_view got) {
   return diff == 0;
 }
 
+// Bytes of a message's tensors that lie in the shared-memory arena (their arena spans).
+uint64_t ArenaBytes(std::initializer_list<const v1::Tensor*> tensors) {
+  uint64_t bytes = 0;
+  for (const v1::Tensor* t : tensors) {
+    if (t->has_arena()) bytes += t->arena().bytes();
+  }
+  return bytes;
+}
+uint64_t ArenaBytes(const v1::LookupRequest& r) { return ArenaBytes({&r.x(), &r.token_mask()}); }
+uint64_t ArenaBytes(const v1::GradientsRequest& r) {
+  return ArenaBytes({&r.key_grads(), &r.value_grads(), &r.gate_grads()});
+}
+uint64_t ArenaBytes(const v1::LookupResponse& r) {
+  return ArenaBytes({&r.row_ids(), &r.keys(), &r.values(), &r.token_rows(), &r.token_gates(),
+                     &r.token_experts(), &r.expert_ids(), &r.router_rows()});
+}
+// Messages without tensors.
+template <typename Message>
+uint64_t ArenaBytes(const Message&) {
+  return 0;
+}
+
 }  // namespace
 
 bool ShmAttachAllowed(const RpcOptions& options) {
@@ -91,6 +114,12 @@ class RunningServer::Service final : public v1::ParamServer::Service {
                                          "Serialized request bytes received");
       bytes_out_ =
           &registry_->AddCounter("meft_ps_bytes_sent_total", "Serialized response bytes sent");
+      arena_bytes_in_ = &registry_->AddCounter(
+          "meft_ps_arena_bytes_received_total",
+          "Tensor bytes of requests read from the worker's shared-memory arena");
+      arena_bytes_out_ = &registry_->AddCounter(
+          "meft_ps_arena_bytes_sent_total",
+          "Tensor bytes of answers written into the worker's shared-memory arena");
     }
   }
 
@@ -99,12 +128,11 @@ class RunningServer::Service final : public v1::ParamServer::Service {
     return Handle(context, "Lookup", *request, response, [&]() -> absl::Status {
       MEFT_ASSIGN_OR_RETURN(std::shared_ptr<const shm::Arena> arena,
                             FindArena(request->arena_id()));
+      // `arena` stays mapped while the answer is written into it.
       MEFT_ASSIGN_OR_RETURN(server::LookupCall call, FromProto(*request, arena.get()));
-      MEFT_ASSIGN_OR_RETURN(std::optional<ResponseRegion> region,
-                            ResponseRegionFromProto(*request, arena.get()));
       call.is_cancelled = [context] { return context->IsCancelled(); };
       MEFT_ASSIGN_OR_RETURN(server::LookupReply reply, domain_->Lookup(call));
-      ToProto(std::move(reply), response, region.has_value() ? &*region : nullptr);
+      ToProto(std::move(reply), response);
       return absl::OkStatus();
     });
   }
@@ -243,6 +271,9 @@ class RunningServer::Service final : public v1::ParamServer::Service {
     if (registry_ != nullptr) {
       bytes_in_->Increment(static_cast<double>(request.ByteSizeLong()));
       bytes_out_->Increment(static_cast<double>(response->ByteSizeLong()));
+      // Spans of a rejected request may be anything; only served ones count.
+      if (status.ok()) arena_bytes_in_->Increment(static_cast<double>(ArenaBytes(request)));
+      arena_bytes_out_->Increment(static_cast<double>(ArenaBytes(*response)));
       registry_
           ->AddCounter("meft_ps_requests_total", "Requests by method and status code",
                        {{"method", method}, {"code", absl::StatusCodeToString(status.code())}})
@@ -259,6 +290,8 @@ class RunningServer::Service final : public v1::ParamServer::Service {
   ArenaRegistry arenas_;
   metrics::Counter* bytes_in_ = nullptr;
   metrics::Counter* bytes_out_ = nullptr;
+  metrics::Counter* arena_bytes_in_ = nullptr;
+  metrics::Counter* arena_bytes_out_ = nullptr;
 };
 
 RunningServer::~RunningServer() {

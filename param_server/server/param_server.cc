@@ -55,11 +55,54 @@ void HashBlock(const store::ParamBlock& b, Hasher* h) {
     h->Add(b.grad.data() + int64_t{r} * b.dim, b.dim * sizeof(float));
 }
 
-wire::Tensor Int32Tensor(std::span<const int32_t> values, std::vector<int64_t> shape) {
-  wire::Tensor t{true, wire::DType::kInt32, std::move(shape), {}};
-  wire::EncodeInt32(values, &t.data);
-  return t;
-}
+// Where the tensors of one answer go: into the caller's output memory when all of them fit
+// (each aligned, in the order they are started), else into each tensor's own bytes.
+class AnswerWriter {
+ public:
+  // `sizes`: the byte size of every tensor the answer will start, in order.
+  AnswerWriter(const std::optional<LookupCall::Output>& output, std::span<const uint64_t> sizes) {
+    if (!output.has_value() || output->base == nullptr) return;
+    const uint64_t end = output->begin + output->capacity;
+    uint64_t at = output->begin;
+    for (uint64_t bytes : sizes) {
+      at = Align(at, output->alignment);
+      if (at > end || bytes > end - at) return;
+      at += bytes;
+    }
+    output_ = &*output;
+    next_ = output->begin;
+  }
+
+  bool placed() const { return output_ != nullptr; }
+
+  // Makes `t` a present tensor of `dtype` and `shape` and returns where its `bytes` bytes go.
+  char* Start(wire::Tensor* t, wire::DType dtype, std::vector<int64_t> shape, uint64_t bytes) {
+    *t = wire::Tensor{true, dtype, std::move(shape), {}};
+    if (output_ == nullptr) {
+      t->data.resize(bytes);
+      return t->data.data();
+    }
+    next_ = Align(next_, output_->alignment);
+    t->placed_offset = next_;
+    t->placed_bytes = bytes;
+    char* dst = reinterpret_cast<char*>(output_->base + next_);
+    next_ += bytes;
+    return dst;
+  }
+
+  void Int32(wire::Tensor* t, std::span<const int32_t> values, std::vector<int64_t> shape) {
+    char* dst = Start(t, wire::DType::kInt32, std::move(shape), values.size_bytes());
+    if (!values.empty()) std::memcpy(dst, values.data(), values.size_bytes());
+  }
+
+ private:
+  static uint64_t Align(uint64_t at, uint64_t alignment) {
+    return (at + alignment - 1) & ~(alignment - 1);
+  }
+
+  const LookupCall::Output* output_ = nullptr;
+  uint64_t next_ = 0;
+};
 
 const char* ModeName(Mode m) { return m == Mode::kPerToken ? "per_token" : "union"; }
 
@@ -346,13 +389,23 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
   const routing::Selection& sel = selection_source->selection;
   const int64_t n_rows = static_cast<int64_t>(sel.rows.size());
   const int64_t d = options_.dim;
+  const uint64_t row_bytes = wire::DTypeSize(row_dtype) * static_cast<uint64_t>(d);
+  const bool per_token = options_.mode == Mode::kPerToken;
+  const bool gated = per_token && options_.selector.gated;
+  const int64_t k = options_.selector.top_k;
+  const int64_t n_experts = gated ? static_cast<int64_t>(sel.experts.size()) : 0;
+  const uint64_t rows = static_cast<uint64_t>(n_rows), experts = static_cast<uint64_t>(n_experts);
+  const uint64_t slots = static_cast<uint64_t>(num_tokens * k);
+  // Byte sizes of the answer's tensors, in LookupReply's field order.
+  std::vector<uint64_t> sizes = {rows * 4, rows * row_bytes, rows * row_bytes};
+  if (per_token) sizes.insert(sizes.end(), {slots * 4, slots * 4});
+  if (gated) sizes.insert(sizes.end(), {slots * 4, experts * 4, experts * row_bytes});
+  AnswerWriter writer(call.output, sizes);
   // Refuse, before anything is cached or counted, an answer the transport could not send.
-  const int64_t row_bytes = static_cast<int64_t>(wire::DTypeSize(row_dtype)) * d;
-  const int64_t n_experts = options_.selector.gated ? static_cast<int64_t>(sel.experts.size()) : 0;
-  const int64_t reply_bytes =
-      n_rows * (4 + 2 * row_bytes) + n_experts * (4 + row_bytes) +
-      (options_.mode == Mode::kPerToken ? num_tokens * options_.selector.top_k * 12 : 0) + 4096;
-  if (options_.max_response_bytes > 0 && reply_bytes > options_.max_response_bytes) {
+  uint64_t reply_bytes = 4096;
+  for (uint64_t bytes : sizes) reply_bytes += bytes;
+  if (!writer.placed() && options_.max_response_bytes > 0 &&
+      reply_bytes > static_cast<uint64_t>(options_.max_response_bytes)) {
     return absl::ResourceExhaustedError(
         absl::StrCat("x.shape: the answer to ", num_tokens, " tokens (", n_rows, " rows of ", d,
                      " ", wire::DTypeName(row_dtype), ") would be about ", reply_bytes,
@@ -360,33 +413,34 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
                      "; send fewer tokens, use bf16 rows, or raise max_message_mb"));
   }
 
+  // Each tensor is encoded once, straight to where it is sent from.
   LookupReply reply;
   reply.replayed = replayed;
   reply.rows_dropped = static_cast<uint32_t>(sel.rows_dropped);
-  reply.row_ids = Int32Tensor(sel.rows, {n_rows});
-  reply.keys = {true, row_dtype, {n_rows, d}, {}};
-  wire::EncodeRows(st.keys.param.data(), d, sel.rows, row_dtype, &reply.keys.data);
-  reply.values = {true, row_dtype, {n_rows, d}, {}};
-  wire::EncodeRows(st.values.param.data(), d, sel.rows, row_dtype, &reply.values.data);
-  if (options_.mode == Mode::kPerToken) {
-    const int64_t k = options_.selector.top_k;
-    reply.token_rows = Int32Tensor(sel.slot_pos, {num_tokens, k});
-    reply.token_gates = {true, wire::DType::kFp32, {num_tokens, k}, {}};
-    wire::EncodeFloats(sel.slot_gates, wire::DType::kFp32, &reply.token_gates.data);
-    if (options_.selector.gated) {
-      std::vector<int32_t> expert_pos(sel.slot_experts.size(), -1);
-      for (size_t s = 0; s < sel.slot_experts.size(); ++s) {
-        if (sel.slot_experts[s] < 0) continue;
-        expert_pos[s] = static_cast<int32_t>(
-            std::lower_bound(sel.experts.begin(), sel.experts.end(), sel.slot_experts[s]) -
-            sel.experts.begin());
-      }
-      const int64_t n_e = static_cast<int64_t>(sel.experts.size());
-      reply.token_experts = Int32Tensor(expert_pos, {num_tokens, k});
-      reply.expert_ids = Int32Tensor(sel.experts, {n_e});
-      reply.router_rows = {true, row_dtype, {n_e, d}, {}};
-      wire::EncodeRows(st.router.param.data(), d, sel.experts, row_dtype, &reply.router_rows.data);
+  writer.Int32(&reply.row_ids, sel.rows, {n_rows});
+  wire::EncodeRowsTo(st.keys.param.data(), d, sel.rows, row_dtype,
+                     writer.Start(&reply.keys, row_dtype, {n_rows, d}, rows * row_bytes));
+  wire::EncodeRowsTo(st.values.param.data(), d, sel.rows, row_dtype,
+                     writer.Start(&reply.values, row_dtype, {n_rows, d}, rows * row_bytes));
+  if (per_token) {
+    writer.Int32(&reply.token_rows, sel.slot_pos, {num_tokens, k});
+    wire::EncodeFloatsTo(sel.slot_gates, wire::DType::kFp32,
+                         writer.Start(&reply.token_gates, wire::DType::kFp32, {num_tokens, k},
+                                      slots * 4));
+  }
+  if (gated) {
+    std::vector<int32_t> expert_pos(sel.slot_experts.size(), -1);
+    for (size_t s = 0; s < sel.slot_experts.size(); ++s) {
+      if (sel.slot_experts[s] < 0) continue;
+      expert_pos[s] = static_cast<int32_t>(
+          std::lower_bound(sel.experts.begin(), sel.experts.end(), sel.slot_experts[s]) -
+          sel.experts.begin());
     }
+    writer.Int32(&reply.token_experts, expert_pos, {num_tokens, k});
+    writer.Int32(&reply.expert_ids, sel.experts, {n_experts});
+    wire::EncodeRowsTo(st.router.param.data(), d, sel.experts, row_dtype,
+                       writer.Start(&reply.router_rows, row_dtype, {n_experts, d},
+                                    experts * row_bytes));
   }
   params_lock.unlock();
 

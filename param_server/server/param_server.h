@@ -80,6 +80,19 @@ struct LookupCall {
   std::optional<wire::DType> row_dtype;  // fp32 or bf16
   // Polled while the lookup waits for the previous Step; true abandons the wait (CANCELLED).
   std::function<bool()> is_cancelled;
+  // Memory of the caller's that the answer may be written into (the shared-memory region a
+  // same-host worker offered): offsets count from `base`, usable [begin, begin + capacity).
+  struct Output {
+    uint8_t* base = nullptr;
+    uint64_t begin = 0;
+    uint64_t capacity = 0;
+    uint64_t alignment = 64;  // every tensor starts at a multiple of it (a power of two)
+  };
+  // When every tensor of the answer fits in `output`, each is encoded straight into it, in
+  // field order (the order of LookupReply's members), and the reply's tensors carry
+  // placed_offset instead of bytes; the server's message limit then does not apply. Otherwise
+  // the answer is built in the reply's own bytes, as without `output`.
+  std::optional<Output> output;
 };
 
 struct LookupReply {

@@ -93,12 +93,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     Expect(server, [&]() -> absl::Status {
       auto call = meft::rpc::FromProto(request, arena);
       if (!call.ok()) return call.status();
-      auto region = meft::rpc::ResponseRegionFromProto(request, arena);
-      if (!region.ok()) return region.status();
       auto reply = server.Lookup(*call);
       if (!reply.ok()) return reply.status();
       meft::v1::LookupResponse response;
-      meft::rpc::ToProto(std::move(*reply), &response, region->has_value() ? &**region : nullptr);
+      meft::rpc::ToProto(std::move(*reply), &response);
       return absl::OkStatus();
     });
   } else if (kind == 1) {

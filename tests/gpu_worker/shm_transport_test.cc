@@ -105,6 +105,18 @@ void ExpectSame(const LookupResult& a, const LookupResult& b) {
   EXPECT_EQ(a.replayed, b.replayed);
 }
 
+// Bytes of an answer as the server sent it: integer tensors as int32 (the client widens them).
+double WireBytes(const LookupResult& r) {
+  double bytes = 0;
+  for (const torch::Tensor* t : {&r.row_ids, &r.keys, &r.values, &r.token_rows, &r.token_gates,
+                                 &r.token_experts, &r.expert_ids, &r.router_rows}) {
+    if (!t->defined()) continue;
+    bytes += static_cast<double>(t->numel()) *
+             (t->scalar_type() == torch::kInt64 ? 4.0 : static_cast<double>(t->element_size()));
+  }
+  return bytes;
+}
+
 torch::Tensor X(int64_t tokens, int64_t dim, uint64_t seed) {
   torch::manual_seed(seed);
   return torch::randn({tokens, dim});
@@ -119,6 +131,7 @@ TEST(ShmTransportTest, TrainingStepIsBitIdenticalToGrpc) {
   auto shm = Client(shm_server->address, Transport::kShm);
   auto grpc = Client(grpc_server->address, Transport::kGrpc);
   ASSERT_TRUE(shm && grpc);
+  double expected_up = 0, expected_down = 0;  // tensor bytes through the arena
   const torch::Tensor mask = torch::tensor({1, 1, 1, 0, 1, 1, 1, 1}, torch::kUInt8);
   for (uint32_t layer : {0u, 1u}) {
     const StepHeader h{.step = 0, .micro_step = 0, .layer = layer};
@@ -129,10 +142,13 @@ TEST(ShmTransportTest, TrainingStepIsBitIdenticalToGrpc) {
     ASSERT_TRUE(b.ok()) << b.status();
     ExpectSame(*a, *b);
     EXPECT_EQ(a->keys.scalar_type(), torch::kBFloat16);  // bf16 rows by default
+    expected_up += x.numel() * 4.0;
+    expected_down += WireBytes(*a);
     const int64_t n = a->row_ids.size(0);
     torch::manual_seed(100 + layer);
     const torch::Tensor kg = torch::randn({n, 32}), vg = torch::randn({n, 32});
     const torch::Tensor gg = torch::randn({8, 4}) * a->token_rows.ge(0);
+    expected_up += (kg.numel() + vg.numel() + gg.numel()) * 4.0;
     ASSERT_TRUE(shm->Gradients(h, kg, vg, gg).ok());
     ASSERT_TRUE(grpc->Gradients(h, kg, vg, gg).ok());
   }
@@ -151,9 +167,20 @@ TEST(ShmTransportTest, TrainingStepIsBitIdenticalToGrpc) {
     auto b = grpc->Lookup(h, x, torch::Tensor(), true);
     ASSERT_TRUE(a.ok() && b.ok());
     ExpectSame(*a, *b);
+    expected_up += x.numel() * 4.0;
+    expected_down += WireBytes(*a);
   }
   EXPECT_EQ(shm_server->Attaches(), 1.0);
   EXPECT_EQ(grpc_server->Attaches(), 0.0);
+  // Every tensor crossed through the arena, and the servers' counters say so: x and the fp32
+  // gradients up, every answer tensor down (ids and slots as int32, rows as bf16).
+  auto counter = [](Served* s, const char* name) {
+    return s->registry.AddCounter(name, "").Value();
+  };
+  EXPECT_EQ(counter(shm_server.get(), "meft_ps_arena_bytes_received_total"), expected_up);
+  EXPECT_EQ(counter(shm_server.get(), "meft_ps_arena_bytes_sent_total"), expected_down);
+  EXPECT_EQ(counter(grpc_server.get(), "meft_ps_arena_bytes_received_total"), 0.0);
+  EXPECT_EQ(counter(grpc_server.get(), "meft_ps_arena_bytes_sent_total"), 0.0);
 }
 
 TEST(ShmTransportTest, AutoUsesShmOnLoopbackAndFp32RowsMatch) {

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <future>
 #include <optional>
@@ -181,6 +182,80 @@ TEST(ParamServerTest, CheckpointPathsFromRequestsStayInsideCheckpointDir) {
   EXPECT_TRUE((*server)->RestoreCheckpoint((root / "outside").string(), /*confine=*/false).ok());
   EXPECT_EQ((*server)->StateDigest(), before);
   fs::remove_all(root);
+}
+
+// A same-host lookup offers memory for its answer (LookupCall::output): each tensor is encoded
+// straight into it, aligned, in field order, with the bytes of an ordinary answer; an output too
+// small for the whole answer leaves every tensor in its own bytes; and a placed answer is not
+// held to the message limit, which only bounds answers that travel inside a message.
+TEST(ParamServerTest, AnswerIsWrittenIntoTheOfferedOutputWhenItAllFits) {
+  ServerOptions o = Small();
+  auto server = ParamServer::Create(o, nullptr);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const Tokens t = MakeTokens(0.3f);
+  LookupCall call = t.Call(0, 0);
+  call.training = false;
+  const absl::StatusOr<LookupReply> plain = (*server)->Lookup(call);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+
+  auto fields = [](const LookupReply& r) {
+    return std::vector<const wire::Tensor*>{&r.row_ids,     &r.keys,        &r.values,
+                                            &r.token_rows,  &r.token_gates, &r.token_experts,
+                                            &r.expert_ids,  &r.router_rows};
+  };
+  uint64_t total = 0;
+  for (const wire::Tensor* f : fields(*plain)) {
+    ASSERT_TRUE(f->present) << "per_token gated answers have every field";
+    ASSERT_FALSE(f->placed_offset.has_value());
+    total += 64 + f->data.size();
+  }
+
+  alignas(64) static uint8_t memory[1 << 16];
+  std::memset(memory, 0xAB, sizeof(memory));
+  call.output = LookupCall::Output{memory, 100, total, 64};  // begin 100: first tensor at 128
+  const absl::StatusOr<LookupReply> placed = (*server)->Lookup(call);
+  ASSERT_TRUE(placed.ok()) << placed.status();
+  uint64_t next = 100;
+  const auto expected = fields(*plain);
+  const auto got = fields(*placed);
+  for (size_t i = 0; i < got.size(); ++i) {
+    SCOPED_TRACE(i);
+    ASSERT_TRUE(got[i]->placed_offset.has_value());
+    const uint64_t at = *got[i]->placed_offset;
+    EXPECT_EQ(at % 64, 0u);
+    EXPECT_GE(at, next);
+    EXPECT_LE(at + got[i]->placed_bytes, 100 + total);
+    EXPECT_TRUE(got[i]->data.empty());
+    EXPECT_EQ(got[i]->dtype, expected[i]->dtype);
+    EXPECT_EQ(got[i]->shape, expected[i]->shape);
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(memory + at), got[i]->placed_bytes),
+              expected[i]->data);
+    next = at + got[i]->placed_bytes;
+  }
+  EXPECT_EQ(memory[99], 0xAB) << "nothing is written before the output";
+  EXPECT_EQ(memory[100 + total], 0xAB) << "nothing is written past it";
+
+  // One aligned layout needs 64 bytes of slack per tensor at most; the sum of the bytes alone,
+  // minus one, cannot hold the answer, so nothing is placed.
+  uint64_t bytes = 0;
+  for (const wire::Tensor* f : expected) bytes += f->data.size();
+  call.output = LookupCall::Output{memory, 0, bytes - 1, 64};
+  const absl::StatusOr<LookupReply> inline_reply = (*server)->Lookup(call);
+  ASSERT_TRUE(inline_reply.ok()) << inline_reply.status();
+  for (size_t i = 0; i < expected.size(); ++i) {
+    EXPECT_FALSE(fields(*inline_reply)[i]->placed_offset.has_value());
+    EXPECT_EQ(fields(*inline_reply)[i]->data, expected[i]->data);
+  }
+
+  o.max_response_bytes = 1024;  // smaller than any answer (the estimate adds 4096)
+  auto limited = ParamServer::Create(o, nullptr);
+  ASSERT_TRUE(limited.ok());
+  call.output.reset();
+  const absl::StatusOr<LookupReply> refused = (*limited)->Lookup(call);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(refused.status().message(), HasSubstr("message limit"));
+  call.output = LookupCall::Output{memory, 0, sizeof(memory), 64};
+  EXPECT_TRUE((*limited)->Lookup(call).ok()) << "a placed answer travels outside the message";
 }
 
 }  // namespace
