@@ -31,6 +31,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
+#include "common/rpc/message_memory.h"
 #include "gpu_worker/adapters/meft_adapter.h"
 #include "gpu_worker/data/dataset.h"
 #include "gpu_worker/model/llama.h"
@@ -242,8 +243,10 @@ int main(int argc, char** argv) {
   }
 
   const meft::worker::ModelConfig shape = bench::ModelShape(s);
+  const std::string allocator = meft::rpc::KeepMessageBuffersInHeap();  // as the binaries do
   std::printf("CPU: %s; %u hardware threads (worker and server share them)\n",
               bench::CpuModel().c_str(), std::thread::hardware_concurrency());
+  std::printf("%s (as the server and worker binaries set it)\n", allocator.c_str());
   std::printf("LibTorch intra-op threads: %d; server dot kernel: %s\n", at::get_num_threads(),
               std::string(meft::kernels::Best().name).c_str());
   bench::PrintBlas();

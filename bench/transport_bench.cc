@@ -20,6 +20,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/metrics/metrics.h"
+#include "common/rpc/message_memory.h"
 #include "gpu_worker/rpc/grpc_param_client.h"
 #include "param_server/kernels/dot.h"
 #include "param_server/rpc/service.h"
@@ -99,7 +100,10 @@ double MemcpySeconds(int64_t bytes) {
 }
 
 int Run() {
+  // As meft-param-server and meft-worker do at start.
+  const std::string allocator = rpc::KeepMessageBuffersInHeap();
   std::printf("CPU: %s; %d cores\n", CpuName().c_str(), tbb::info::default_concurrency());
+  std::printf("%s (as the server and worker binaries set it)\n", allocator.c_str());
   std::printf("Dot kernel ISA (server selection): %s\n", std::string(kernels::Best().name).c_str());
   std::printf("LibTorch %s, %s; intra-op threads %d (the worker side does no BLAS work here)\n",
               TORCH_VERSION, TorchBlas().c_str(), at::get_num_threads());

@@ -19,6 +19,7 @@
 #include "common/config/config.h"
 #include "common/logging/logging.h"
 #include "common/metrics/metrics.h"
+#include "common/rpc/message_memory.h"
 #include "common/status.h"
 #include "gpu_worker/app/worker_config.h"
 #include "gpu_worker/data/dataset.h"
@@ -305,6 +306,7 @@ int main(int argc, char** argv) {
   }
   if (command == "make-facts") return MakeFacts(argc - 1, argv + 1);
   if (command == "train" || command == "eval" || command == "generate") {
+    spdlog::debug("{}", meft::rpc::KeepMessageBuffersInHeap());
     return RunWithConfig(command, argc - 1, argv + 1);
   }
   std::fprintf(stderr, "meft-worker: unknown command \"%s\"\n%s", command.c_str(), kUsage);

@@ -15,6 +15,7 @@
 #include "common/config/config.h"
 #include "common/logging/logging.h"
 #include "common/metrics/metrics.h"
+#include "common/rpc/message_memory.h"
 #include "common/status.h"
 #include "param_server/checkpoint/checkpoint.h"
 #include "param_server/rpc/service.h"
@@ -139,6 +140,7 @@ int main(int argc, char** argv) {
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  spdlog::debug("{}", meft::rpc::KeepMessageBuffersInHeap());
 
   ServerConfig config;
   meft::config::FieldSet fields;
