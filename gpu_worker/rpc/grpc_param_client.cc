@@ -35,14 +35,18 @@ void FloatsToProto(const torch::Tensor& t, bool bf16, v1::Tensor* out) {
   out->set_data(std::move(data));
 }
 
-// Decodes a response tensor (fp32, bf16 or int32) into a CPU tensor (float32 / bfloat16 kept as
-// bf16 / int64). An absent tensor gives an undefined tensor.
-absl::StatusOr<torch::Tensor> FromProto(const v1::Tensor& t, const char* field) {
+// A response tensor (fp32, bf16 or int32) as a CPU tensor: float32 and bfloat16 alias the bytes
+// of `owner`'s field without a copy (the tensor keeps `owner` alive); int32 is widened to int64.
+// An absent tensor gives an undefined tensor.
+absl::StatusOr<torch::Tensor> FromProto(const v1::Tensor& t, const char* field,
+                                        const std::shared_ptr<const v1::LookupResponse>& owner) {
   if (t.dtype() == v1::DTYPE_UNSPECIFIED && t.shape_size() == 0) return torch::Tensor();
   std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
   int64_t numel = 1;
   for (int64_t d : shape) {
-    if (d < 0) return absl::DataLossError(absl::StrCat("server answer ", field, ": negative dim"));
+    if (d < 0 || (d > 0 && numel > (int64_t{1} << 40) / d)) {
+      return absl::DataLossError(absl::StrCat("server answer ", field, ": bad shape"));
+    }
     numel *= d;
   }
   const std::string& data = t.data();
@@ -53,25 +57,22 @@ absl::StatusOr<torch::Tensor> FromProto(const v1::Tensor& t, const char* field) 
     }
     return absl::OkStatus();
   };
+  // std::string's heap buffer is aligned for any scalar type; an empty one is never read.
+  void* bytes = const_cast<char*>(data.data());
+  auto alias = [&](torch::ScalarType type) {
+    return torch::from_blob(
+        bytes, shape, [owner](void*) {}, torch::TensorOptions().dtype(type));
+  };
   switch (t.dtype()) {
-    case v1::DTYPE_FP32: {
+    case v1::DTYPE_FP32:
       MEFT_RETURN_IF_ERROR(check(4));
-      torch::Tensor out = torch::empty(shape, torch::kFloat32);
-      std::memcpy(out.data_ptr<float>(), data.data(), data.size());
-      return out;
-    }
-    case v1::DTYPE_BF16: {
+      return alias(torch::kFloat32);
+    case v1::DTYPE_BF16:
       MEFT_RETURN_IF_ERROR(check(2));
-      torch::Tensor out = torch::empty(shape, torch::kBFloat16);
-      std::memcpy(out.data_ptr(), data.data(), data.size());
-      return out;
-    }
-    case v1::DTYPE_INT32: {
+      return alias(torch::kBFloat16);
+    case v1::DTYPE_INT32:
       MEFT_RETURN_IF_ERROR(check(4));
-      torch::Tensor out = torch::empty(shape, torch::kInt32);
-      std::memcpy(out.data_ptr<int32_t>(), data.data(), data.size());
-      return out.to(torch::kInt64);
-    }
+      return torch::from_blob(bytes, shape, torch::kInt32).to(torch::kInt64);
     default:
       return absl::DataLossError(absl::StrCat("server answer ", field, ": unexpected dtype ",
                                               static_cast<int>(t.dtype())));
@@ -139,7 +140,9 @@ class GrpcParamClient final : public ParamClient {
           request.mutable_response_region()->set_bytes(lease->region().bytes);
         }
       }
-      v1::LookupResponse response;
+      // Shared: the answer's float tensors alias its bytes (see FromProto).
+      auto owned = std::make_shared<v1::LookupResponse>();
+      v1::LookupResponse& response = *owned;
       const absl::Status called =
           CallWithArena(shm, "Lookup", &v1::ParamServer::Stub::Lookup, &request, &response);
       if (MayStillRun(called)) {
@@ -162,7 +165,9 @@ class GrpcParamClient final : public ParamClient {
         lease->Shrink(std::min(used, lease->region().bytes));
       }
       auto take = [&](const v1::Tensor& t, const char* field) -> absl::StatusOr<torch::Tensor> {
-        if (!t.has_arena()) return FromProto(t, field);
+        if (!t.has_arena()) {
+          return FromProto(t, field, owned);
+        }
         if (!lease) {
           return absl::DataLossError(
               absl::StrCat("server answer ", field, ": an arena span, but no region was offered"));
