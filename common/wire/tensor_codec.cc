@@ -39,14 +39,13 @@ absl::string_view DTypeName(DType dtype) {
 uint16_t FloatToBf16(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
-  if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0) {
-    return static_cast<uint16_t>((bits >> 16) | 0x0040u);  // quiet NaN, sign kept
-  }
   // Round to nearest, ties to even: add 0x7fff plus the lowest kept bit, then truncate.
-  // Overflow into the exponent is the correct rounding up to infinity.
-  const uint32_t lsb = (bits >> 16) & 1u;
-  bits += 0x7fffu + lsb;
-  return static_cast<uint16_t>(bits >> 16);
+  // Overflow into the exponent is the correct rounding up to infinity. A NaN keeps its sign and
+  // is made quiet. Branch-free, so that EncodeFloatsTo's loop vectorizes.
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (bits >> 16) | 0x0040u;
+  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+  return static_cast<uint16_t>(nan ? quiet_nan : rounded);
 }
 
 float Bf16ToFloat(uint16_t value) {
