@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <span>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
@@ -83,9 +84,8 @@ bool ShmTransport::PutFloats(const torch::Tensor& t, bool bf16, v1::Tensor* out,
   uint8_t* dst = arena_->data() + region->offset;
   if (bf16) {
     const torch::Tensor cpu = t.detach().to(torch::kCPU, torch::kFloat32).contiguous();
-    const float* src = cpu.data_ptr<float>();
-    uint16_t* out16 = reinterpret_cast<uint16_t*>(dst);
-    for (int64_t i = 0; i < numel; ++i) out16[i] = wire::FloatToBf16(src[i]);
+    wire::EncodeFloatsTo(std::span<const float>(cpu.data_ptr<float>(), static_cast<size_t>(numel)),
+                         wire::DType::kBf16, reinterpret_cast<char*>(dst));
   } else if (numel > 0) {
     // One pass from the source (a device-to-host copy for a CUDA tensor) into the arena.
     torch::from_blob(dst, t.sizes(), torch::kFloat32).copy_(t.detach());

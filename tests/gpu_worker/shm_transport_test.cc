@@ -203,6 +203,44 @@ TEST(ShmTransportTest, AutoUsesShmOnLoopbackAndFp32RowsMatch) {
   EXPECT_EQ(served->Attaches(), 1.0);
 }
 
+// meft.bf16_grads: gradients encoded to bf16 straight into the arena reach the server as the
+// same bits as gradients encoded into a gRPC message.
+TEST(ShmTransportTest, Bf16GradientsMatchGrpc) {
+  auto shm_server = Serve(Options());
+  auto grpc_server = Serve(Options());
+  ASSERT_TRUE(shm_server && grpc_server);
+  GrpcClientOptions o;
+  o.bf16_grads = true;
+  o.address = shm_server->address;
+  o.transport = Transport::kShm;
+  auto shm = CreateGrpcParamClient(o);
+  o.address = grpc_server->address;
+  o.transport = Transport::kGrpc;
+  auto grpc = CreateGrpcParamClient(o);
+  ASSERT_TRUE(shm.ok() && grpc.ok());
+  const StepHeader h{.step = 0, .micro_step = 0, .layer = 0};
+  const torch::Tensor x = X(9, 32, 8);
+  auto a = (*shm)->Lookup(h, x, torch::Tensor(), true);
+  auto b = (*grpc)->Lookup(h, x, torch::Tensor(), true);
+  ASSERT_TRUE(a.ok() && b.ok());
+  const int64_t n = a->row_ids.size(0);
+  torch::manual_seed(5);
+  const torch::Tensor kg = torch::randn({n, 32}), vg = torch::randn({n, 32}) * 1e-3;
+  const torch::Tensor gg = torch::randn({9, 4}) * a->token_rows.ge(0);
+  ASSERT_TRUE((*shm)->Gradients(h, kg, vg, gg).ok());
+  ASSERT_TRUE((*grpc)->Gradients(h, kg, vg, gg).ok());
+  EXPECT_EQ(shm_server->domain->StateDigest(), grpc_server->domain->StateDigest());
+  // And the server got bf16: fp32 gradients would have changed the state differently.
+  auto fp32_server = Serve(Options());
+  o.bf16_grads = false;
+  o.address = fp32_server->address;
+  auto fp32 = CreateGrpcParamClient(o);
+  ASSERT_TRUE(fp32.ok());
+  ASSERT_TRUE((*fp32)->Lookup(h, x, torch::Tensor(), true).ok());
+  ASSERT_TRUE((*fp32)->Gradients(h, kg, vg, gg).ok());
+  EXPECT_NE(fp32_server->domain->StateDigest(), grpc_server->domain->StateDigest());
+}
+
 TEST(ShmTransportTest, AutoFallsBackToGrpcWhenTheServerRefusesShm) {
   auto refusing = Serve(Options(), rpc::ShmAttach::kOff);
   auto twin = Serve(Options());
@@ -312,9 +350,16 @@ TEST(ShmTransportTest, AnswersOutliveTheClient) {
   auto served = Serve(Options());
   ASSERT_TRUE(served);
   const torch::Tensor x = X(7, 32, 21);
-  auto grpc = Client(served->address, Transport::kGrpc);
-  auto expected = grpc->Lookup({.layer = 1}, x, torch::Tensor(), false);
-  ASSERT_TRUE(expected.ok());
+  // Inline answers alias the received message, which must outlive the client as well.
+  absl::StatusOr<LookupResult> expected;
+  {
+    auto grpc = Client(served->address, Transport::kGrpc);
+    expected = grpc->Lookup({.layer = 1}, x, torch::Tensor(), false);
+    ASSERT_TRUE(expected.ok());
+  }
+  auto fresh = Client(served->address, Transport::kGrpc)->Lookup({.layer = 1}, x, {}, false);
+  ASSERT_TRUE(fresh.ok());
+  ExpectSame(*expected, *fresh);
   LookupResult kept;
   {
     auto shm = Client(served->address, Transport::kShm);
