@@ -12,6 +12,8 @@
 // layer take the same order of time on a 2-core machine, which is where overlap matters. All
 // sizes are flags: --dim --layers --tokens --rows --steps --warmup --accum --modes.
 
+#include <sys/resource.h>
+
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -31,6 +33,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
+#include "common/metrics/metrics.h"
 #include "common/rpc/message_memory.h"
 #include "gpu_worker/adapters/meft_adapter.h"
 #include "gpu_worker/data/dataset.h"
@@ -67,10 +70,20 @@ struct Mode {
 
 struct Result {
   Mode mode;
-  double seconds = 0.0;  // wall time of the measured steps
+  double seconds = 0.0;      // wall time of the measured steps
+  double cpu_seconds = 0.0;  // CPU time of the whole process (worker and server) in them
+  double lookups = 0.0;      // lookups the server answered in them
+  double rows = 0.0;         // rows it sent in them
   MeftTimings timings;
   std::vector<double> losses;
 };
+
+double ProcessCpuSeconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         1e-6 * static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+}
 
 std::string CpuModel() {
   std::ifstream in("/proc/cpuinfo");
@@ -145,7 +158,10 @@ Result RunMode(const Settings& s, const Mode& mode, const worker::LlamaModel& mo
   o.dim = s.dim;
   o.init.seed = 1;
   o.max_tokens = std::max<int64_t>(8192, s.tokens);
-  auto domain = server::ParamServer::Create(o, nullptr);
+  metrics::Registry registry;
+  metrics::Counter& lookups = registry.AddCounter("meft_ps_lookups_total", "Lookups answered");
+  metrics::Counter& rows = registry.AddCounter("meft_ps_rows_served_total", "Rows sent");
+  auto domain = server::ParamServer::Create(o, &registry);
   if (!domain.ok()) {
     std::fprintf(stderr, "server: %s\n", std::string(domain.status().message()).c_str());
     std::exit(1);
@@ -169,16 +185,23 @@ Result RunMode(const Settings& s, const Mode& mode, const worker::LlamaModel& mo
                                            .lr = 1e-3,
                                            .warmup_ratio = 0.0,
                                            .progress = false});
-  Result r{mode, 0.0, {}, {}};
+  Result r{.mode = mode};
   Clock::time_point start = Clock::now();
+  double cpu_start = ProcessCpuSeconds(), lookups_start = 0, rows_start = 0;
   auto history = trainer->Run([&](const worker::StepStats& stats) {
     if (stats.step == s.warmup) {
       adapter.TakeTimings();
       start = Clock::now();
+      cpu_start = ProcessCpuSeconds();
+      lookups_start = lookups.Value();
+      rows_start = rows.Value();
     }
     return absl::OkStatus();
   });
   r.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  r.cpu_seconds = ProcessCpuSeconds() - cpu_start;
+  r.lookups = lookups.Value() - lookups_start;
+  r.rows = rows.Value() - rows_start;
   r.timings = adapter.TakeTimings();
   if (!history.ok()) {
     std::fprintf(stderr, "%s: %s\n", mode.name.c_str(),
@@ -277,19 +300,21 @@ int main(int argc, char** argv) {
   }
 
   const double base = results.front().seconds;
-  std::printf("\n%-22s %10s %10s %10s %10s %10s %12s\n", "mode", "step s", "wait s", "wait %",
-              "transfer%", "server s", "step/first");
+  std::printf("\n%-22s %8s %8s %8s %9s %9s %8s %9s %10s\n", "mode", "step s", "wait s",
+              "wait %", "transfer%", "server s", "cpu s", "rows/lkp", "step/first");
   for (const bench::Result& r : results) {
     const double n = static_cast<double>(s.steps);
-    std::printf("%-22s %10.3f %10.3f %9.1f%% %9.1f%% %10.3f %12.3f\n", r.mode.name.c_str(),
-                r.seconds / n, r.timings.wait_seconds / n,
+    std::printf("%-22s %8.3f %8.3f %7.1f%% %8.1f%% %9.3f %8.3f %9.0f %10.3f\n",
+                r.mode.name.c_str(), r.seconds / n, r.timings.wait_seconds / n,
                 100.0 * r.timings.wait_seconds / r.seconds,
                 100.0 * r.timings.transfer_seconds / r.seconds, r.timings.call_seconds / n,
-                r.seconds / base);
+                r.cpu_seconds / n, r.rows / std::max(r.lookups, 1.0), r.seconds / base);
   }
   std::printf(
       "\nwait: training thread blocked on the server (lookups, gradient acks, GradNorm, Step);\n"
       "server s: summed duration of the server calls per step (overlapping calls add up);\n"
+      "cpu s: CPU time of the process (worker and server together) per step;\n"
+      "rows/lkp: rows the server sent per lookup (|S|);\n"
       "step/first: step time relative to the first mode listed.\n");
   // Overlap must not change the numbers: compare losses of the modes with the same prefetch.
   for (size_t i = 1; i < results.size(); ++i) {
