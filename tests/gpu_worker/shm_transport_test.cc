@@ -7,18 +7,22 @@
 #include "gpu_worker/rpc/shm_transport.h"
 
 #include <gmock/gmock.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <chrono>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "common/metrics/metrics.h"
 #include "gpu_worker/rpc/grpc_param_client.h"
+#include "meft/v1/param_server.grpc.pb.h"
 #include "param_server/rpc/service.h"
 #include "param_server/server/param_server.h"
 
@@ -464,6 +468,111 @@ TEST(ShmTransportTest, SizeBoundsFollowTheServerDescription) {
   d.rows = 64;
   d.max_tokens = 16;
   EXPECT_EQ(DefaultArenaBytes(d, 2), uint64_t{64} << 20);  // at least 64 MiB
+}
+
+// A fake parameter server that accepts any arena, records where each Lookup's x and response
+// region lie, holds the first Lookup past the client's deadline (as a server still selecting
+// would) and refuses the later ones with INVALID_ARGUMENT (a definite answer).
+class RecordingServer final : public v1::ParamServer::Service {
+ public:
+  struct Spans {
+    uint64_t x_offset = 0, x_bytes = 0, region_offset = 0, region_bytes = 0;
+  };
+
+  grpc::Status ServerInfo(grpc::ServerContext*, const v1::ServerInfoRequest*,
+                          v1::ServerInfoResponse* r) override {
+    r->add_layers(0);
+    r->set_rows(256);
+    r->set_dim(32);
+    r->set_experts(16);
+    r->set_n_probe(2);
+    r->set_top_k(4);
+    r->set_max_tokens(64);
+    r->set_mode(v1::SELECTION_MODE_PER_TOKEN);
+    r->set_gated(true);
+    return grpc::Status::OK;
+  }
+  grpc::Status AttachArena(grpc::ServerContext*, const v1::AttachArenaRequest*,
+                           v1::AttachArenaResponse* r) override {
+    r->set_arena_id(1);
+    return grpc::Status::OK;
+  }
+  grpc::Status Lookup(grpc::ServerContext*, const v1::LookupRequest* request,
+                      v1::LookupResponse*) override {
+    bool first = false;
+    {
+      std::lock_guard lock(mu_);
+      spans_.push_back({request->x().arena().offset(), request->x().arena().bytes(),
+                        request->response_region().offset(), request->response_region().bytes()});
+      first = spans_.size() == 1;
+    }
+    if (first && hold_first_) std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "refused by the test");
+  }
+
+  std::vector<Spans> spans() {
+    std::lock_guard lock(mu_);
+    return spans_;
+  }
+  bool hold_first_ = true;
+
+ private:
+  std::mutex mu_;
+  std::vector<Spans> spans_;
+};
+
+bool Overlap(uint64_t a, uint64_t a_bytes, uint64_t b, uint64_t b_bytes) {
+  return a < b + b_bytes && b < a + a_bytes;
+}
+
+// The regions of a call that ended without a definite answer (here its deadline passed while
+// the server still held it) are kept out of the allocator: the server may yet read x from them
+// or write its answer there. The regions of a definitely refused call are reused at once, which
+// shows the check below can see reuse.
+TEST(ShmTransportTest, RegionsOfACallTheServerMayStillRunAreNotReused) {
+  for (const bool hold_first : {true, false}) {
+    SCOPED_TRACE(hold_first ? "first call times out" : "first call refused");
+    RecordingServer service;
+    service.hold_first_ = hold_first;
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(&service);
+    std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+    ASSERT_TRUE(server != nullptr && port != 0);
+    GrpcClientOptions o;
+    o.address = "127.0.0.1:" + std::to_string(port);
+    o.transport = Transport::kShm;
+    o.deadline_seconds = 0.5;
+    auto client = CreateGrpcParamClient(o);
+    ASSERT_TRUE(client.ok()) << client.status();
+    const torch::Tensor x = X(16, 32, 1);
+    const auto first = (*client)->Lookup({.layer = 0}, x, torch::Tensor(), false);
+    EXPECT_EQ(first.status().code(), hold_first ? absl::StatusCode::kDeadlineExceeded
+                                                : absl::StatusCode::kInvalidArgument)
+        << first.status();
+    for (int i = 0; i < 2; ++i) {
+      EXPECT_EQ((*client)->Lookup({.layer = 0}, x, torch::Tensor(), false).status().code(),
+                absl::StatusCode::kInvalidArgument);
+    }
+    const std::vector<RecordingServer::Spans> spans = service.spans();
+    ASSERT_EQ(spans.size(), 3u);
+    for (const auto& s : spans) {
+      ASSERT_GT(s.x_bytes, 0u) << "x went through the arena";
+      ASSERT_GT(s.region_bytes, 0u) << "a response region was offered";
+    }
+    const auto& a = spans[0];
+    const auto& b = spans[1];
+    const bool reused = Overlap(a.x_offset, a.x_bytes, b.x_offset, b.x_bytes) ||
+                        Overlap(a.x_offset, a.x_bytes, b.region_offset, b.region_bytes) ||
+                        Overlap(a.region_offset, a.region_bytes, b.x_offset, b.x_bytes) ||
+                        Overlap(a.region_offset, a.region_bytes, b.region_offset, b.region_bytes);
+    EXPECT_EQ(reused, !hold_first);
+    // The refused second call's regions are free again for the third.
+    EXPECT_EQ(spans[2].x_offset, b.x_offset);
+    EXPECT_EQ(spans[2].region_offset, b.region_offset);
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(3));
+  }
 }
 
 }  // namespace
