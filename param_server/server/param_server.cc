@@ -395,11 +395,13 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
   const int64_t k = options_.selector.top_k;
   const int64_t n_experts = gated ? static_cast<int64_t>(sel.experts.size()) : 0;
   const uint64_t rows = static_cast<uint64_t>(n_rows), experts = static_cast<uint64_t>(n_experts);
-  const uint64_t slots = static_cast<uint64_t>(num_tokens * k);
-  // Byte sizes of the answer's tensors, in LookupReply's field order.
+  // Byte sizes of the answer's tensors, in LookupReply's field order, from the very vectors that
+  // are written (the writer checks that all of them fit before any is written).
   std::vector<uint64_t> sizes = {rows * 4, rows * row_bytes, rows * row_bytes};
-  if (per_token) sizes.insert(sizes.end(), {slots * 4, slots * 4});
-  if (gated) sizes.insert(sizes.end(), {slots * 4, experts * 4, experts * row_bytes});
+  if (per_token) sizes.insert(sizes.end(), {sel.slot_pos.size() * 4, sel.slot_gates.size() * 4});
+  if (gated) {
+    sizes.insert(sizes.end(), {sel.slot_experts.size() * 4, experts * 4, experts * row_bytes});
+  }
   AnswerWriter writer(call.output, sizes);
   // Refuse, before anything is cached or counted, an answer the transport could not send.
   uint64_t reply_bytes = 4096;
@@ -426,7 +428,7 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
     writer.Int32(&reply.token_rows, sel.slot_pos, {num_tokens, k});
     wire::EncodeFloatsTo(sel.slot_gates, wire::DType::kFp32,
                          writer.Start(&reply.token_gates, wire::DType::kFp32, {num_tokens, k},
-                                      slots * 4));
+                                      sel.slot_gates.size() * 4));
   }
   if (gated) {
     std::vector<int32_t> expert_pos(sel.slot_experts.size(), -1);
