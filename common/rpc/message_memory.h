@@ -12,8 +12,9 @@ namespace meft::rpc {
 // rows, the protobuf message, gRPC's slices, the decoded tensors), allocated and freed on every
 // call, so without this the kernel faults in and zeroes every page of them again on every call
 // (bench/README.md, meft_transport_bench). This fixes the mmap threshold at 32 MiB (glibc's
-// largest) and the trim threshold at 1 GiB, so freed message buffers are reused. A process keeps
-// up to 1 GiB of freed heap mapped in exchange.
+// largest) and the trim threshold at 1 GiB, so freed message buffers are reused. In exchange a
+// process returns less freed memory to the kernel: the main heap keeps up to 1 GiB of it, and
+// each thread heap (64 MiB at most) stays at its high-water mark.
 //
 // Leaves the allocator alone when the environment tunes it already (MALLOC_MMAP_THRESHOLD_,
 // MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES), and does nothing without glibc. Call once, early in
