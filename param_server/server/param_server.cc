@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <set>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -39,6 +40,8 @@ struct Hasher {
   }
   template <typename T>
   void AddPod(const T& v) {
+    // Padding bytes are indeterminate: hashing them makes equal states hash differently.
+    static_assert(std::has_unique_object_representations_v<T>, "T has padding; hash its members");
     Add(&v, sizeof(v));
   }
 };
@@ -837,13 +840,17 @@ uint64_t ParamServer::StateDigest() const {
     HashBlock(l->store.values, &h);
     HashBlock(l->store.router, &h);
     for (const auto& [key, c] : l->cache) {
-      h.AddPod(key);
+      h.AddPod(key.first);
+      h.AddPod(key.second);
       h.AddVec(c->x);
       h.AddVec(c->mask);
       h.AddVec(c->selection.rows);
       h.AddVec(c->selection.slot_rows);
     }
-    for (const CacheKey& key : l->done) h.AddPod(key);
+    for (const CacheKey& key : l->done) {
+      h.AddPod(key.first);
+      h.AddPod(key.second);
+    }
   }
   return h.h;
 }
