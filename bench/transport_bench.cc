@@ -37,7 +37,7 @@ constexpr int64_t kTokens = 512;
 constexpr int64_t kRows = 8464;
 constexpr int64_t kMaxRows = 2000;  // |S|: random tokens select more; the cap keeps 2000
 constexpr int kWarmup = 3;
-constexpr int kIterations = 15;
+constexpr int kIterations = 31;
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
