@@ -16,6 +16,7 @@
 #include "common/rpc/status_convert.h"
 #include "common/status.h"
 #include "common/wire/tensor_codec.h"
+#include "gpu_worker/rpc/answer_tensor.h"
 #include "gpu_worker/rpc/shm_transport.h"
 #include "meft/v1/param_server.grpc.pb.h"
 #include "spdlog/spdlog.h"
@@ -35,48 +36,13 @@ void FloatsToProto(const torch::Tensor& t, bool bf16, v1::Tensor* out) {
   out->set_data(std::move(data));
 }
 
-// A response tensor (fp32, bf16 or int32) as a CPU tensor: float32 and bfloat16 alias the bytes
-// of `owner`'s field without a copy (the tensor keeps `owner` alive); int32 is widened to int64.
-// An absent tensor gives an undefined tensor.
+// An inline answer tensor; float tensors alias the message's bytes (see AnswerTensor). An absent
+// tensor gives an undefined tensor.
 absl::StatusOr<torch::Tensor> FromProto(const v1::Tensor& t, const char* field,
                                         const std::shared_ptr<const v1::LookupResponse>& owner) {
   if (t.dtype() == v1::DTYPE_UNSPECIFIED && t.shape_size() == 0) return torch::Tensor();
-  std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
-  int64_t numel = 1;
-  for (int64_t d : shape) {
-    if (d < 0 || (d > 0 && numel > (int64_t{1} << 40) / d)) {
-      return absl::DataLossError(absl::StrCat("server answer ", field, ": bad shape"));
-    }
-    numel *= d;
-  }
-  const std::string& data = t.data();
-  auto check = [&](size_t elem) -> absl::Status {
-    if (data.size() != static_cast<size_t>(numel) * elem) {
-      return absl::DataLossError(absl::StrCat("server answer ", field, ": ", data.size(),
-                                              " bytes for ", numel, " elements"));
-    }
-    return absl::OkStatus();
-  };
   // std::string's heap buffer is aligned for any scalar type; an empty one is never read.
-  void* bytes = const_cast<char*>(data.data());
-  auto alias = [&](torch::ScalarType type) {
-    return torch::from_blob(
-        bytes, shape, [owner](void*) {}, torch::TensorOptions().dtype(type));
-  };
-  switch (t.dtype()) {
-    case v1::DTYPE_FP32:
-      MEFT_RETURN_IF_ERROR(check(4));
-      return alias(torch::kFloat32);
-    case v1::DTYPE_BF16:
-      MEFT_RETURN_IF_ERROR(check(2));
-      return alias(torch::kBFloat16);
-    case v1::DTYPE_INT32:
-      MEFT_RETURN_IF_ERROR(check(4));
-      return torch::from_blob(bytes, shape, torch::kInt32).to(torch::kInt64);
-    default:
-      return absl::DataLossError(absl::StrCat("server answer ", field, ": unexpected dtype ",
-                                              static_cast<int>(t.dtype())));
-  }
+  return AnswerTensor(t, field, const_cast<char*>(t.data().data()), t.data().size(), owner);
 }
 
 void SetHeader(const StepHeader& h, v1::RequestHeader* out) {

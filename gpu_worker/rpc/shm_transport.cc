@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "common/wire/tensor_codec.h"
+#include "gpu_worker/rpc/answer_tensor.h"
 
 namespace meft::worker {
 namespace {
@@ -110,51 +111,17 @@ std::shared_ptr<ResponseLease> ShmTransport::AllocateResponse(uint64_t bytes) {
 
 absl::StatusOr<torch::Tensor> ShmTransport::FromArena(
     const v1::Tensor& t, const char* field, const std::shared_ptr<ResponseLease>& lease) const {
-  std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
-  int64_t numel = 1;
-  for (int64_t d : shape) {
-    if (d < 0 || (d > 0 && numel > (int64_t{1} << 40) / d)) {
-      return absl::DataLossError(absl::StrCat("server answer ", field, ": bad shape"));
-    }
-    numel *= d;
-  }
-  size_t elem = 0;
-  torch::ScalarType type = torch::kFloat32;
-  switch (t.dtype()) {
-    case v1::DTYPE_FP32:
-      elem = 4;
-      break;
-    case v1::DTYPE_BF16:
-      elem = 2;
-      type = torch::kBFloat16;
-      break;
-    case v1::DTYPE_INT32:
-      elem = 4;
-      type = torch::kInt32;
-      break;
-    default:
-      return absl::DataLossError(absl::StrCat("server answer ", field, ": unexpected dtype ",
-                                              static_cast<int>(t.dtype())));
-  }
   const uint64_t offset = t.arena().offset();
   const uint64_t bytes = t.arena().bytes();
   const shm::Region& region = lease->region();
-  if (bytes != static_cast<uint64_t>(numel) * elem) {
-    return absl::DataLossError(absl::StrCat("server answer ", field, ".arena: ", bytes,
-                                            " bytes for ", numel, " elements"));
-  }
+  // The server starts every tensor of an answer on a kAlignment boundary (proto: response_region).
   if (offset < region.offset || offset > region.offset + region.bytes ||
-      bytes > region.offset + region.bytes - offset || offset % elem != 0) {
+      bytes > region.offset + region.bytes - offset || offset % shm::kAlignment != 0) {
     return absl::DataLossError(absl::StrCat("server answer ", field, ".arena: ", bytes,
                                             " bytes at offset ", offset,
-                                            " lie outside the response region"));
+                                            " lie outside the response region or are unaligned"));
   }
-  void* data = arena_->data() + offset;
-  if (type == torch::kInt32) {
-    return torch::from_blob(data, shape, torch::kInt32).to(torch::kInt64);
-  }
-  return torch::from_blob(
-      data, shape, [lease](void*) {}, torch::TensorOptions().dtype(type));
+  return AnswerTensor(t, field, arena_->data() + offset, bytes, lease);
 }
 
 }  // namespace meft::worker
