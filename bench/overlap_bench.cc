@@ -33,6 +33,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
+#include "common/config/config.h"
 #include "common/metrics/metrics.h"
 #include "common/rpc/message_memory.h"
 #include "gpu_worker/adapters/meft_adapter.h"
@@ -266,7 +267,8 @@ int main(int argc, char** argv) {
   }
 
   const meft::worker::ModelConfig shape = bench::ModelShape(s);
-  const std::string allocator = meft::rpc::KeepMessageBuffersInHeap();  // as the binaries do
+  const std::string allocator = meft::rpc::KeepMessageBuffersInHeap(
+      meft::config::AllocatorTunedByEnvironment());  // as the binaries do
   std::printf("CPU: %s; %u hardware threads (worker and server share them)\n",
               bench::CpuModel().c_str(), std::thread::hardware_concurrency());
   std::printf("%s (as the server and worker binaries set it)\n", allocator.c_str());

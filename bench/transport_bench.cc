@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/config/config.h"
 #include "common/metrics/metrics.h"
 #include "common/rpc/message_memory.h"
 #include "gpu_worker/rpc/grpc_param_client.h"
@@ -101,7 +102,8 @@ double MemcpySeconds(int64_t bytes) {
 
 int Run() {
   // As meft-param-server and meft-worker do at start.
-  const std::string allocator = rpc::KeepMessageBuffersInHeap();
+  const std::string allocator =
+      rpc::KeepMessageBuffersInHeap(config::AllocatorTunedByEnvironment());
   std::printf("CPU: %s; %d cores\n", CpuName().c_str(), tbb::info::default_concurrency());
   std::printf("%s (as the server and worker binaries set it)\n", allocator.c_str());
   std::printf("Dot kernel ISA (server selection): %s\n", std::string(kernels::Best().name).c_str());

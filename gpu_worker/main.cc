@@ -287,6 +287,8 @@ int RunWithConfig(const std::string& command, int argc, char** argv) {
   if (status.ok()) status = fields.ApplyCli();
   if (status.ok()) status = meft::logging::Init(config.log_level, "worker");
   if (!status.ok()) return Finish(status);
+  spdlog::info("{}", meft::rpc::KeepMessageBuffersInHeap(
+                         meft::config::AllocatorTunedByEnvironment()));
   if (command == "train") return Finish(Train(config, resume));
   if (command == "eval") return Finish(Eval(config, checkpoint, output, limit));
   return Finish(Generate(config, checkpoint, prompt, input));
@@ -306,7 +308,6 @@ int main(int argc, char** argv) {
   }
   if (command == "make-facts") return MakeFacts(argc - 1, argv + 1);
   if (command == "train" || command == "eval" || command == "generate") {
-    spdlog::debug("{}", meft::rpc::KeepMessageBuffersInHeap());
     return RunWithConfig(command, argc - 1, argv + 1);
   }
   std::fprintf(stderr, "meft-worker: unknown command \"%s\"\n%s", command.c_str(), kUsage);

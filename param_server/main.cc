@@ -37,6 +37,8 @@ std::string MetricsAddress(const std::string& listen, uint32_t port) {
 
 absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
   MEFT_RETURN_IF_ERROR(meft::logging::Init(config.log_level, "param-server"));
+  spdlog::info("{}", meft::rpc::KeepMessageBuffersInHeap(
+                         meft::config::AllocatorTunedByEnvironment()));
   std::optional<tbb::global_control> threads;
   if (config.threads > 0) {
     threads.emplace(tbb::global_control::max_allowed_parallelism, config.threads);
@@ -140,7 +142,6 @@ int main(int argc, char** argv) {
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
-  spdlog::debug("{}", meft::rpc::KeepMessageBuffersInHeap());
 
   ServerConfig config;
   meft::config::FieldSet fields;

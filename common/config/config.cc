@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <charconv>
 #include <cmath>
+#include <cstdlib>
 #include <exception>
 #include <limits>
 #include <map>
@@ -967,6 +968,13 @@ std::string FieldSet::DumpYaml() const {
   YAML::Emitter out;
   EmitTree(out, root);
   return absl::StrCat(out.c_str(), "\n");
+}
+
+bool AllocatorTunedByEnvironment() {
+  for (const char* name : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"}) {
+    if (std::getenv(name) != nullptr) return true;
+  }
+  return false;
 }
 
 }  // namespace meft::config

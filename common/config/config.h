@@ -132,4 +132,8 @@ class FieldSet {
   absl::Status registration_status_;
 };
 
+// Whether the environment tunes glibc's allocator: MALLOC_MMAP_THRESHOLD_,
+// MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES is set (see rpc::KeepMessageBuffersInHeap).
+bool AllocatorTunedByEnvironment();
+
 }  // namespace meft::config

@@ -1,19 +1,15 @@
 #include "common/rpc/message_memory.h"
 
-#include <cstdlib>
-
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
 
 namespace meft::rpc {
 
-std::string KeepMessageBuffersInHeap() {
+std::string KeepMessageBuffersInHeap(bool environment_tunes_allocator) {
 #if defined(__GLIBC__)
-  for (const char* name : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"}) {
-    if (std::getenv(name) != nullptr) {
-      return std::string("allocator: left as ") + name + " sets it";
-    }
+  if (environment_tunes_allocator) {
+    return "allocator: left as the environment (MALLOC_* or GLIBC_TUNABLES) sets it";
   }
   constexpr int kMmapThreshold = 32 << 20;  // glibc refuses more (HEAP_MAX_SIZE / 2)
   constexpr int kTrimThreshold = 1 << 30;

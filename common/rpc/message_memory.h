@@ -14,11 +14,11 @@ namespace meft::rpc {
 // (bench/README.md, meft_transport_bench). This fixes the mmap threshold at 32 MiB (glibc's
 // largest) and the trim threshold at 1 GiB, so freed message buffers are reused. In exchange a
 // process returns less freed memory to the kernel: the main heap keeps up to 1 GiB of it, and
-// each thread heap (64 MiB at most) stays at its high-water mark.
+// each thread's arena stays at its high-water mark.
 //
-// Leaves the allocator alone when the environment tunes it already (MALLOC_MMAP_THRESHOLD_,
-// MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES), and does nothing without glibc. Call once, early in
-// main(). Returns one line saying what it did, for the log.
-std::string KeepMessageBuffersInHeap();
+// Leaves the allocator alone when `environment_tunes_allocator` (config::
+// AllocatorTunedByEnvironment(): the user set MALLOC_* or GLIBC_TUNABLES), and does nothing
+// without glibc. Call once, early. Returns one line saying what it did, for the log.
+std::string KeepMessageBuffersInHeap(bool environment_tunes_allocator);
 
 }  // namespace meft::rpc

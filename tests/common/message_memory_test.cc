@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/config/config.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -33,7 +34,7 @@ long SecondFillFaults(bool tune) {
   const pid_t pid = fork();
   if (pid == 0) {
     close(fds[0]);
-    if (tune) KeepMessageBuffersInHeap();
+    if (tune) KeepMessageBuffersInHeap(/*environment_tunes_allocator=*/false);
     long faults = 0;
     for (int round = 0; round < 2; ++round) {
       char* p = static_cast<char*>(std::malloc(kBytes));
@@ -57,9 +58,8 @@ long SecondFillFaults(bool tune) {
 }
 
 TEST(MessageMemoryTest, FreedMessageBuffersAreReusedWithoutPageFaults) {
-  if (std::getenv("MALLOC_MMAP_THRESHOLD_") || std::getenv("MALLOC_TRIM_THRESHOLD_") ||
-      std::getenv("GLIBC_TUNABLES")) {
-    GTEST_SKIP() << "the environment tunes the allocator, so the setting stays off";
+  if (config::AllocatorTunedByEnvironment()) {
+    GTEST_SKIP() << "the environment tunes the allocator, which the untuned control measures";
   }
   const long untuned = SecondFillFaults(false);
   const long tuned = SecondFillFaults(true);
@@ -74,9 +74,14 @@ TEST(MessageMemoryTest, FreedMessageBuffersAreReusedWithoutPageFaults) {
 }
 
 TEST(MessageMemoryTest, LeavesAnAllocatorTunedByTheEnvironmentAlone) {
+  EXPECT_THAT(KeepMessageBuffersInHeap(/*environment_tunes_allocator=*/true),
+              ::testing::HasSubstr("left as the environment"));
   ASSERT_EQ(setenv("MALLOC_TRIM_THRESHOLD_", "1000000", 1), 0);
-  EXPECT_THAT(KeepMessageBuffersInHeap(), ::testing::HasSubstr("MALLOC_TRIM_THRESHOLD_"));
+  EXPECT_TRUE(config::AllocatorTunedByEnvironment());
   unsetenv("MALLOC_TRIM_THRESHOLD_");
+  ASSERT_EQ(setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1000000", 1), 0);
+  EXPECT_TRUE(config::AllocatorTunedByEnvironment());
+  unsetenv("GLIBC_TUNABLES");
 }
 
 }  // namespace
