@@ -121,7 +121,8 @@ absl::StatusOr<torch::Tensor> ShmTransport::FromArena(
                                             " bytes at offset ", offset,
                                             " lie outside the response region or are unaligned"));
   }
-  return AnswerTensor(t, field, arena_->data() + offset, bytes, lease);
+  return AnswerTensor(t, absl::StrCat(field, ".arena").c_str(), arena_->data() + offset, bytes,
+                      lease);
 }
 
 }  // namespace meft::worker

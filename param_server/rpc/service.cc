@@ -116,7 +116,7 @@ class RunningServer::Service final : public v1::ParamServer::Service {
           &registry_->AddCounter("meft_ps_bytes_sent_total", "Serialized response bytes sent");
       arena_bytes_in_ = &registry_->AddCounter(
           "meft_ps_arena_bytes_received_total",
-          "Tensor bytes of requests read from the worker's shared-memory arena");
+          "Tensor bytes named by the arena spans of served requests");
       arena_bytes_out_ = &registry_->AddCounter(
           "meft_ps_arena_bytes_sent_total",
           "Tensor bytes of answers written into the worker's shared-memory arena");

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <set>
@@ -74,6 +75,7 @@ class AnswerWriter {
     }
     output_ = &*output;
     next_ = output->begin;
+    sizes_.assign(sizes.begin(), sizes.end());
   }
 
   bool placed() const { return output_ != nullptr; }
@@ -85,6 +87,14 @@ class AnswerWriter {
       t->data.resize(bytes);
       return t->data.data();
     }
+    // The layout checked in the constructor is the only thing that keeps these writes inside
+    // memory another process offered: a tensor it did not size is a bug, never written.
+    if (index_ >= sizes_.size() || bytes != sizes_[index_]) {
+      spdlog::critical("AnswerWriter: tensor {} of {} bytes was not in the checked layout", index_,
+                       bytes);
+      std::abort();
+    }
+    ++index_;
     next_ = Align(next_, output_->alignment);
     t->placed_offset = next_;
     t->placed_bytes = bytes;
@@ -104,6 +114,8 @@ class AnswerWriter {
   }
 
   const LookupCall::Output* output_ = nullptr;
+  std::vector<uint64_t> sizes_;  // the checked layout, in order
+  size_t index_ = 0;             // tensors started so far
   uint64_t next_ = 0;
 };
 

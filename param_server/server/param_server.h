@@ -54,7 +54,9 @@ struct ServerOptions {
   store::InitOptions init;
   optim::AdamOptions adam;
   int64_t max_tokens = 8192;       // largest T of one lookup
-  int64_t max_response_bytes = 0;  // largest lookup answer (the transport's limit); 0 = any
+  // Largest lookup answer sent inside a message (the transport's limit); 0 = any. Answers
+  // written into LookupCall::output do not count.
+  int64_t max_response_bytes = 0;
   // Where SaveCheckpoint writes by default. When set, every checkpoint path a request names must
   // lie inside it (relative paths are taken relative to it). "" = none: requests must name a path.
   std::string checkpoint_dir;

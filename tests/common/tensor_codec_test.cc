@@ -88,6 +88,34 @@ TEST(Bf16Test, ArrayEncodersMatchTheReference) {
   }
 }
 
+// The row gather the server sends answers with, at -O3 as well: every element of every gathered
+// row is FloatToBf16 of its source (which ArrayEncodersMatchTheReference checks against the
+// reference), specials included, for row widths around the vector length.
+TEST(Bf16Test, EncodeRowsGathersEveryElementExactly) {
+  std::mt19937 rng(12);
+  std::uniform_int_distribution<uint32_t> bits;
+  for (const int64_t dim : {int64_t{1}, int64_t{7}, int64_t{64}, int64_t{67}}) {
+    std::vector<float> table(static_cast<size_t>(40 * dim));
+    for (size_t i = 0; i < table.size(); ++i) {
+      uint32_t b = bits(rng);
+      if (i % 5 == 0) b |= 0x7f800000u;
+      std::memcpy(&table[i], &b, sizeof(b));
+    }
+    const std::vector<int32_t> rows = {39, 0, 17, 17, 5};
+    std::string out;
+    EncodeRows(table.data(), dim, rows, DType::kBf16, &out);
+    ASSERT_EQ(out.size(), rows.size() * static_cast<size_t>(dim) * 2);
+    for (size_t r = 0; r < rows.size(); ++r) {
+      for (int64_t j = 0; j < dim; ++j) {
+        uint16_t got;
+        std::memcpy(&got, out.data() + 2 * (r * static_cast<size_t>(dim) + j), sizeof(got));
+        ASSERT_EQ(got, FloatToBf16(table[static_cast<size_t>(rows[r] * dim + j)]))
+            << "row " << r << " element " << j << " dim " << dim;
+      }
+    }
+  }
+}
+
 TEST(Bf16Test, TiesGoToEven) {
   // 1 + 2^-8 is exactly halfway between bf16 1.0 (0x3f80) and 1.0078125 (0x3f81): even wins.
   EXPECT_EQ(FloatToBf16(1.0f + std::ldexp(1.0f, -8)), 0x3f80);

@@ -13,6 +13,7 @@
 #include <torch/torch.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -234,6 +235,9 @@ TEST(ShmTransportTest, Bf16GradientsMatchGrpc) {
   ASSERT_TRUE((*shm)->Gradients(h, kg, vg, gg).ok());
   ASSERT_TRUE((*grpc)->Gradients(h, kg, vg, gg).ok());
   EXPECT_EQ(shm_server->domain->StateDigest(), grpc_server->domain->StateDigest());
+  // Through the arena indeed: x (fp32), key and value gradients (bf16), gate gradients (fp32).
+  EXPECT_EQ(shm_server->registry.AddCounter("meft_ps_arena_bytes_received_total", "").Value(),
+            x.numel() * 4.0 + (kg.numel() + vg.numel()) * 2.0 + gg.numel() * 4.0);
   // And the server got bf16: fp32 gradients would have changed the state differently.
   auto fp32_server = Serve(Options());
   o.bf16_grads = false;
@@ -354,7 +358,8 @@ TEST(ShmTransportTest, AnswersOutliveTheClient) {
   auto served = Serve(Options());
   ASSERT_TRUE(served);
   const torch::Tensor x = X(7, 32, 21);
-  // Inline answers alias the received message, which must outlive the client as well.
+  // Inline answers alias the received message; their values stay right after the client is gone
+  // (that the alias holds its owner is tested in answer_tensor_test).
   absl::StatusOr<LookupResult> expected;
   {
     auto grpc = Client(served->address, Transport::kGrpc);
@@ -471,8 +476,9 @@ TEST(ShmTransportTest, SizeBoundsFollowTheServerDescription) {
 }
 
 // A fake parameter server that accepts any arena, records where each Lookup's x and response
-// region lie, holds the first Lookup past the client's deadline (as a server still selecting
-// would) and refuses the later ones with INVALID_ARGUMENT (a definite answer).
+// region lie, holds the first Lookup until the test releases it (as a server still selecting
+// would, past the client's deadline) and refuses every Lookup with INVALID_ARGUMENT (a definite
+// answer).
 class RecordingServer final : public v1::ParamServer::Service {
  public:
   struct Spans {
@@ -506,8 +512,20 @@ class RecordingServer final : public v1::ParamServer::Service {
                         request->response_region().offset(), request->response_region().bytes()});
       first = spans_.size() == 1;
     }
-    if (first && hold_first_) std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    if (first && hold_first_) {
+      // Held until the test has seen the client give up (bounded, so a failing test ends).
+      std::unique_lock lock(mu_);
+      released_cv_.wait_for(lock, std::chrono::seconds(60), [this] { return released_; });
+    }
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "refused by the test");
+  }
+
+  void Release() {
+    {
+      std::lock_guard lock(mu_);
+      released_ = true;
+    }
+    released_cv_.notify_all();
   }
 
   std::vector<Spans> spans() {
@@ -518,6 +536,8 @@ class RecordingServer final : public v1::ParamServer::Service {
 
  private:
   std::mutex mu_;
+  std::condition_variable released_cv_;
+  bool released_ = false;
   std::vector<Spans> spans_;
 };
 
@@ -543,7 +563,7 @@ TEST(ShmTransportTest, RegionsOfACallTheServerMayStillRunAreNotReused) {
     GrpcClientOptions o;
     o.address = "127.0.0.1:" + std::to_string(port);
     o.transport = Transport::kShm;
-    o.deadline_seconds = 0.5;
+    o.deadline_seconds = 2;  // per call; only the held call comes near it
     auto client = CreateGrpcParamClient(o);
     ASSERT_TRUE(client.ok()) << client.status();
     const torch::Tensor x = X(16, 32, 1);
@@ -551,6 +571,7 @@ TEST(ShmTransportTest, RegionsOfACallTheServerMayStillRunAreNotReused) {
     EXPECT_EQ(first.status().code(), hold_first ? absl::StatusCode::kDeadlineExceeded
                                                 : absl::StatusCode::kInvalidArgument)
         << first.status();
+    service.Release();
     for (int i = 0; i < 2; ++i) {
       EXPECT_EQ((*client)->Lookup({.layer = 0}, x, torch::Tensor(), false).status().code(),
                 absl::StatusCode::kInvalidArgument);

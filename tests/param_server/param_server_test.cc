@@ -211,6 +211,7 @@ TEST(ParamServerTest, AnswerIsWrittenIntoTheOfferedOutputWhenItAllFits) {
   }
 
   alignas(64) static uint8_t memory[1 << 16];
+  ASSERT_LT(100 + total, sizeof(memory));
   std::memset(memory, 0xAB, sizeof(memory));
   call.output = LookupCall::Output{memory, 100, total, 64};  // begin 100: first tensor at 128
   const absl::StatusOr<LookupReply> placed = (*server)->Lookup(call);
