@@ -87,7 +87,22 @@ void InstallStopHandler() {
   sigaction(SIGINT, &action, nullptr);
 }
 
+// --checkpoint names an adapter to load, which the bare model does not have.
+absl::Status CheckCheckpointWanted(const WorkerConfig& c, const std::string& checkpoint) {
+  if (c.adapter == "none" && !checkpoint.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--checkpoint ", checkpoint,
+        ": adapter.type is none (the bare model); set adapter.type to the checkpoint's adapter"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Train(const WorkerConfig& c, const std::string& resume) {
+  if (c.adapter == "none") {
+    return absl::InvalidArgumentError(
+        "adapter.type: none trains nothing (the bare model has no parameters to train); use "
+        "meft, parallel or lora. eval and generate run the bare model.");
+  }
   InstallStopHandler();
   meft::metrics::Registry registry;
   std::unique_ptr<meft::metrics::Exposer> exposer;
@@ -166,6 +181,7 @@ absl::Status Train(const WorkerConfig& c, const std::string& resume) {
 
 absl::Status Eval(const WorkerConfig& c, const std::string& checkpoint, std::string output,
                   int64_t limit) {
+  MEFT_RETURN_IF_ERROR(CheckCheckpointWanted(c, checkpoint));
   MEFT_ASSIGN_OR_RETURN(auto s, meft::worker::OpenSession(c));
   if (!checkpoint.empty())
     MEFT_RETURN_IF_ERROR(meft::worker::LoadAdapterCheckpoint(checkpoint, s->target));
@@ -185,6 +201,7 @@ absl::Status Eval(const WorkerConfig& c, const std::string& checkpoint, std::str
 
 absl::Status Generate(const WorkerConfig& c, const std::string& checkpoint,
                       const std::string& prompt, const std::string& input) {
+  MEFT_RETURN_IF_ERROR(CheckCheckpointWanted(c, checkpoint));
   MEFT_ASSIGN_OR_RETURN(auto s, meft::worker::OpenSession(c));
   if (!checkpoint.empty())
     MEFT_RETURN_IF_ERROR(meft::worker::LoadAdapterCheckpoint(checkpoint, s->target));

@@ -38,9 +38,10 @@ void RegisterWorkerFields(WorkerConfig* c, config::FieldSet* f) {
   f->Add("data.template_without_input", &c->template_without_input,
          "prompt template with {instruction}; \"\" = Alpaca");
   f->AddChoice(
-      "adapter.type", &c->adapter, {"meft", "parallel", "lora"},
+      "adapter.type", &c->adapter, {"meft", "parallel", "lora", "none"},
       "meft: sparse adapter on the parameter server; parallel: the same adapter dense on the "
-      "device; lora: low-rank updates of projections");
+      "device; lora: low-rank updates of projections; none: the bare model (eval and generate "
+      "only, no server)");
   f->Add("adapter.layers", &c->layers,
          "layers with an adapter, e.g. \"0-31\"; empty = all (meft: the server's)");
   f->Add("adapter.rows", &c->parallel_rows, "parallel: key-value pairs per layer (r)");
@@ -234,6 +235,8 @@ absl::StatusOr<std::unique_ptr<WorkerSession>> OpenSession(const WorkerConfig& c
     s->target.hooks = s->meft.get();
     s->target.meft = s->meft.get();
     s->target.server = s->client.get();
+  } else if (c.adapter == "none") {
+    // The bare model: no hooks, no server, nothing to train.
   } else if (c.adapter == "parallel") {
     MEFT_ASSIGN_OR_RETURN(
         s->parallel,

@@ -41,6 +41,19 @@ eval: {max_new_tokens: 4}
 YAML
 
 start_server
+# adapter.type none: the bare model, with no server (an unreachable address proves none is
+# contacted). A fresh MEFT adapter has V = 0 and adds exactly nothing, so its answers must equal
+# the bare model's.
+"$worker" eval --config "$dir/run.yaml" --meft-server "127.0.0.1:$port" --output "$dir/eval0" \
+  >"$dir/eval0.out" 2>&1 || { cat "$dir/eval0.out"; fail "eval before training"; }
+"$worker" eval --config "$dir/run.yaml" --adapter-type none --meft-server 127.0.0.1:1 \
+  --output "$dir/eval-none" >"$dir/eval-none.out" 2>&1 || { cat "$dir/eval-none.out"; fail "eval none"; }
+cmp -s "$dir/eval0/predictions.jsonl" "$dir/eval-none/predictions.jsonl" ||
+  fail "adapter none answers differ from an untrained MEFT adapter's"
+grep -q '"adapter": *"none"' "$dir/eval-none/metrics.json" || fail "metrics.json adapter none"
+"$worker" generate --config "$dir/run.yaml" --adapter-type none --meft-server 127.0.0.1:1 \
+  --prompt "What is the capital of Xyzland?" >"$dir/generate-none.out" 2>&1 ||
+  { cat "$dir/generate-none.out"; fail "generate none"; }
 "$worker" train --config "$dir/run.yaml" --meft-server "127.0.0.1:$port" >"$dir/train.out" 2>&1 ||
   { cat "$dir/train.out"; fail "train"; }
 grep -q "trained 30 steps" "$dir/train.out" || fail "train summary missing"
@@ -79,6 +92,10 @@ out=$("$worker" train --config "$dir/run.yaml" --meft-server "127.0.0.1:$port" \
 printf 'train:\n  max_stepz: 3\n' >"$dir/bad.yaml"
 out=$("$worker" train --config "$dir/bad.yaml" 2>&1); code=$?
 [ $code -eq 2 ] && grep -q "bad.yaml:2" <<<"$out" || fail "bad yaml: $code $out"
+out=$("$worker" train --config "$dir/run.yaml" --adapter-type none 2>&1); code=$?
+[ $code -eq 2 ] && grep -q "adapter.type: none trains nothing" <<<"$out" || fail "train none: $code $out"
+out=$("$worker" eval --config "$dir/run.yaml" --adapter-type none --checkpoint "$dir/run/checkpoint-15" 2>&1); code=$?
+[ $code -eq 2 ] && grep -q "adapter.type is none" <<<"$out" || fail "eval none with checkpoint: $code $out"
 out=$("$worker" train --config "$dir/run.yaml" --meft-server 127.0.0.1:1 --meft-timeout-seconds 5 2>&1); code=$?
 [ $code -ne 0 ] && grep -q "cannot reach the parameter server" <<<"$out" || fail "no server: $code $out"
 set -e
