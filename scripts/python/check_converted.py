@@ -28,9 +28,12 @@ import tempfile
 import time
 import zipfile
 
-import torch
-import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+# transformers' GGUF loader draws a tqdm bar per tensor; keep the test log readable.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -91,6 +94,7 @@ def main():
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     log(f"transformers {transformers.__version__}, torch {torch.__version__}")
 
     with tempfile.TemporaryDirectory(prefix="check-converted-") as tmp:
