@@ -23,7 +23,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <torch/cuda.h>
@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -65,8 +66,6 @@
 #include "gpu_worker/rpc/grpc_param_client.h"
 #include "gpu_worker/train/trainer.h"
 #include "nlohmann/json.hpp"
-
-extern char** environ;
 
 namespace meft::bench {
 namespace {
@@ -249,27 +248,33 @@ Samples ParseSamples(const std::string& text) {
 class ServerProcess {
  public:
   // Starts `binary args...` with stdout and stderr going to `log_path` and waits until it logs
-  // that it serves (its store is initialised), at most `timeout_seconds`.
+  // that it serves (its store is initialised), at most `timeout_seconds`. The server gets SIGTERM
+  // when this process dies, so a crashed benchmark leaves no 70 GB server behind.
   static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(const std::string& binary,
                                                               std::vector<std::string> args,
                                                               const std::string& log_path,
                                                               double timeout_seconds) {
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log_path.c_str(),
-                                     O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+    if (access(binary.c_str(), X_OK) != 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(binary, " is not an executable (--server-binary)"));
+    }
     args.insert(args.begin(), binary);
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    pid_t pid = 0;
     const auto start = Clock::now();
-    const int err = posix_spawn(&pid, binary.c_str(), &actions, nullptr, argv.data(), environ);
-    posix_spawn_file_actions_destroy(&actions);
-    if (err != 0) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("starting ", binary, ": ", std::strerror(err), " (--server-binary)"));
+    // Between fork and exec only async-signal-safe calls: this process has threads.
+    const pid_t pid = fork();
+    if (pid < 0) return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
+    if (pid == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGTERM);
+      const int fd = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      if (fd < 0) _exit(126);
+      dup2(fd, STDOUT_FILENO);
+      dup2(fd, STDERR_FILENO);
+      close(fd);
+      execv(argv[0], argv.data());
+      _exit(127);
     }
     std::unique_ptr<ServerProcess> p(new ServerProcess(pid, log_path));
     while (true) {
