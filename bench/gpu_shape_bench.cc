@@ -140,6 +140,9 @@ struct Settings {
   int64_t server_threads = 0;  // the server's --threads; 0 = all cores
   int64_t arena_mb = 0;        // the worker's arena; 0 = ArenaBytesFor the configuration
   std::string transport = "shm";
+  // Wrap the client in MeteredParamClient as meft-worker does (it stages device tensors on the
+  // host before each call, and its meter gives the staging time and the worker's payload bytes).
+  bool metered = true;
   double budget_seconds = 0;  // skip configurations that start after this much time; 0 = none
   uint64_t seed = 1;
 };
@@ -515,6 +518,10 @@ json RunConfig(const Context& ctx, const ConfigSpec& spec) {
   std::optional<ServerCounters> counters_start;
   ServerCounters counters;
   std::unique_ptr<ServerProcess> server;
+  // Outlives `client` (the metering wrapper points at it).
+  auto meter = std::make_unique<worker::ClientMeter>();
+  std::optional<worker::MeterReader> meter_reader;
+  worker::ServerTimings metered;
   std::unique_ptr<worker::ParamClient> client;
   std::unique_ptr<worker::MeftAdapter> meft;
   std::unique_ptr<worker::ParallelAdapter> parallel;
@@ -582,6 +589,9 @@ json RunConfig(const Context& ctx, const ConfigSpec& spec) {
       return r;
     }
     client = std::move(*c);
+    if (s.metered) {
+      client = std::make_unique<worker::MeteredParamClient>(std::move(client), meter.get());
+    }
     auto description = client->Describe();
     if (!description.ok()) {
       r["error"] = std::string(description.status().message());
@@ -607,7 +617,10 @@ json RunConfig(const Context& ctx, const ConfigSpec& spec) {
     Log(absl::StrFormat("%s: step %d of %d, %.2f s, loss %.4f", spec.Name(), stats.step, max_steps,
                         clock.measured.empty() ? 0.0 : clock.measured.back(), stats.loss));
     if (meft != nullptr) {
-      if (start_measuring) meft->TakeTimings();
+      if (start_measuring) {
+        meft->TakeTimings();
+        meter_reader.emplace(meter.get());
+      }
       if (start_measuring || stats.step == max_steps) {
         absl::StatusOr<Samples> samples = server->Scrape();
         if (!samples.ok()) {
@@ -618,7 +631,10 @@ json RunConfig(const Context& ctx, const ConfigSpec& spec) {
           counters = ServerCounters::From(*samples).Minus(*counters_start);
         }
       }
-      if (stats.step == max_steps) timings = meft->TakeTimings();
+      if (stats.step == max_steps) {
+        timings = meft->TakeTimings();
+        if (meter_reader.has_value()) metered = meter_reader->Take();
+      }
     }
     clock.last = Clock::now();  // the scrape and the log line are no step's time
     return absl::OkStatus();
@@ -686,6 +702,9 @@ json RunConfig(const Context& ctx, const ConfigSpec& spec) {
       {"transfer_seconds", transfer},
       {"wait_per_layer_seconds", wait / layer_visits},
       {"server_call_seconds", timings.call_seconds / per_step_divisor},
+      // MeteredParamClient (with --metered): device tensors copied to the host before calls,
+      // on whichever thread made the call (gradients: background threads).
+      {"stage_seconds", metered.transfer_seconds / per_step_divisor},
       {"server_lookup_seconds", counters.lookup_seconds / per_step_divisor},
       {"server_optimizer_seconds", counters.step_seconds / per_step_divisor},
       {"step_seconds_each", clock.measured},
@@ -705,6 +724,11 @@ json RunConfig(const Context& ctx, const ConfigSpec& spec) {
       {"arena_bytes_per_step", (counters.arena_in + counters.arena_out) / per_step_divisor},
       {"message_bytes_per_step", (counters.message_in + counters.message_out) / per_step_divisor},
       {"bytes_per_step_over_adapter", (up + down) / adapter_bytes},
+      // The same payload as the worker's meter counts it (tensors as the worker holds them:
+      // int64 ids, bf16 or fp32 floats); 0 without --metered.
+      {"worker_bytes_sent_per_step", static_cast<double>(metered.bytes_sent) / per_step_divisor},
+      {"worker_bytes_received_per_step",
+       static_cast<double>(metered.bytes_received) / per_step_divisor},
   };
   r["losses"] = clock.losses;
   r["init_seconds"] = init_seconds;
@@ -947,6 +971,7 @@ absl::Status Run(Settings s) {
        {{"warmup", s.warmup},
         {"steps", s.steps},
         {"transport", s.transport},
+        {"metered", s.metered},
         {"server_threads", s.server_threads},
         {"arena_mb", s.arena_mb},
         {"seed", s.seed},
@@ -1011,7 +1036,7 @@ constexpr const char* kUsage =
     "  [--server-binary PATH] [--configs parallel:R,meft:R[:refetch][:maxrows=N],...]\n"
     "  [--layers N] [--adapter-layers N] [--micro-batch N] [--tokens N] [--warmup N]\n"
     "  [--steps N] [--accum N] [--server-threads N] [--arena-mb N] [--transport shm|auto|grpc]\n"
-    "  [--budget-seconds S] [--seed N]\n";
+    "  [--metered on|off] [--budget-seconds S] [--seed N]\n";
 
 }  // namespace
 }  // namespace meft::bench
@@ -1052,6 +1077,8 @@ int main(int argc, char** argv) {
     } else if (number != nullptr && absl::SimpleAtoi(value, number) && *number >= 0) {
     } else if (key == "--budget-seconds" && absl::SimpleAtod(value, &s.budget_seconds)) {
     } else if (key == "--seed" && absl::SimpleAtoi(value, &s.seed)) {
+    } else if (key == "--metered" && (value == "on" || value == "off")) {
+      s.metered = value == "on";
     } else {
       std::fprintf(stderr, "bad argument %s %s\n%s", key.c_str(), value.c_str(), bench::kUsage);
       return 2;

@@ -75,7 +75,7 @@ for c in r["configs"]:
     for k in ["measured_steps", "tokens_per_step", "tokens_per_second", "step_seconds",
               "compute_seconds", "wait_seconds", "transfer_seconds", "wait_per_layer_seconds",
               "server_call_seconds", "server_lookup_seconds", "server_optimizer_seconds",
-              "step_seconds_each"]:
+              "stage_seconds", "step_seconds_each"]:
         check(k in s, f"{n}: speed.{k}")
     check(s["measured_steps"] == steps and len(s["step_seconds_each"]) == steps,
           f"{n}: {steps} measured steps")
@@ -103,6 +103,9 @@ for c in r["configs"]:
               f"{n}: |S| / r")
         check(abs(m["predicted_adapter_device_bytes"] - 8 * t["rows_per_lookup"] * d * layers)
               < 1e-6 * m["predicted_adapter_device_bytes"], f"{n}: meft prediction")
+        # The worker's meter saw payload both ways (meft-worker's MeteredParamClient is on).
+        check(t["worker_bytes_sent_per_step"] > 0 and t["worker_bytes_received_per_step"] > 0,
+              f"{n}: worker meter")
         # The tensors crossed through the shared-memory arena.
         check(t["arena_bytes_per_step"] > 0, f"{n}: arena bytes")
         check(t["bytes_to_server_per_step"] > 0 and t["bytes_from_server_per_step"] > 0,
