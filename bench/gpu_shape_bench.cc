@@ -443,7 +443,8 @@ struct StepClock {
   Clock::time_point last = Clock::now();
   std::vector<double> measured;  // seconds of each measured step
   std::vector<double> losses;
-  int64_t tokens = 0;  // in the measured steps
+  double last_seconds = 0;  // of the latest step, measured or not
+  int64_t tokens = 0;       // in the measured steps
 
   // Returns true at the end of the last warm-up step (measurement starts).
   bool Tick(const worker::StepStats& stats) {
@@ -451,6 +452,7 @@ struct StepClock {
     const auto now = Clock::now();
     const double seconds = std::chrono::duration<double>(now - last).count();
     last = now;
+    last_seconds = seconds;
     losses.push_back(stats.loss);
     if (stats.step > warmup) {
       measured.push_back(seconds);
@@ -559,8 +561,9 @@ json RunConfig(const Context& ctx, const ConfigSpec& spec) {
     if (s.server_threads > 0) {
       args.insert(args.end(), {"--threads", absl::StrCat(s.server_threads)});
     }
-    const std::string log_path =
-        absl::StrCat(s.out, "/server-", spec.adapter, "-", spec.rows, ".log");
+    const std::string log_path = absl::StrCat(
+        s.out, "/server-", spec.adapter, "-", spec.rows, spec.refetch ? "-refetch" : "",
+        spec.max_rows > 0 ? absl::StrCat("-maxrows", spec.max_rows) : "", ".log");
     auto started = ServerProcess::Start(s.server_binary, args, log_path, /*timeout=*/900);
     if (!started.ok()) {
       r["error"] = std::string(started.status().message());
@@ -615,7 +618,7 @@ json RunConfig(const Context& ctx, const ConfigSpec& spec) {
   auto history = (*trainer)->Run([&](const worker::StepStats& stats) {
     const bool start_measuring = clock.Tick(stats);
     Log(absl::StrFormat("%s: step %d of %d, %.2f s, loss %.4f", spec.Name(), stats.step, max_steps,
-                        clock.measured.empty() ? 0.0 : clock.measured.back(), stats.loss));
+                        clock.last_seconds, stats.loss));
     if (meft != nullptr) {
       if (start_measuring) {
         meft->TakeTimings();
