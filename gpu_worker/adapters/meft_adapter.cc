@@ -1,5 +1,6 @@
 #include "gpu_worker/adapters/meft_adapter.h"
 
+#include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -47,16 +48,24 @@ struct DeviceRows {
   torch::Tensor pos, valid, expert_pos;  // [N, k] int64 clamped >= 0, bool, int64 clamped >= 0
 };
 
+// Float rows cross to the device in the dtype they arrived in and are widened there: a blocking
+// to(device, kFloat32) of bf16 rows would convert on the host into a fresh pageable buffer (twice
+// the bytes, and not the pinned arena the rows lie in), so the copy could not be one DMA. The
+// values are the same either way (bf16 -> fp32 is exact). On the CPU the first to() is a no-op.
+torch::Tensor FloatRowsOn(const torch::Tensor& rows, torch::Device device) {
+  return rows.to(device).to(torch::kFloat32);
+}
+
 DeviceRows ToDevice(const LookupResult& r, torch::Device device, bool per_token, bool gated) {
   DeviceRows d;
-  d.keys = r.keys.to(device, torch::kFloat32);
-  d.values = r.values.to(device, torch::kFloat32);
+  d.keys = FloatRowsOn(r.keys, device);
+  d.values = FloatRowsOn(r.values, device);
   if (per_token) {
     const torch::Tensor rows = r.token_rows.to(device);
     d.valid = rows.ge(0);
     d.pos = rows.clamp_min(0);
     if (gated) {
-      d.router = r.router_rows.to(device, torch::kFloat32);
+      d.router = FloatRowsOn(r.router_rows, device);
       d.expert_pos = r.token_experts.to(device).clamp_min(0);
     }
   }
@@ -306,6 +315,13 @@ torch::Tensor MeftAdapter::FfnDelta(int64_t layer, const torch::Tensor& ffn_inpu
     while (static_cast<int64_t>(recent_inputs_.size()) > p) recent_inputs_.pop_front();
   }
   if (!Owns(layer)) return {};
+
+  // On CUDA the rows' copy to the device below is blocking and so waits for every kernel queued
+  // before it anyway; draining the stream first charges those kernels to compute instead of to
+  // the wait for the server or to the transfer (MeftTimings). It costs no time: the copy could
+  // not start earlier, an overlapped lookup runs on its own thread meanwhile, and a synchronous
+  // one's copy of the query to the host would wait for the same kernels.
+  if (x.is_cuda()) torch::cuda::synchronize(x.device().index());
 
   // With overlap the lookup was started by FfnInputReady (of this layer or of layer - p).
   std::optional<LookupResult> fetched;

@@ -1,4 +1,5 @@
-// CudaAllocatorMemory from LibTorch's CUDA caching allocator (built only when LibTorch has CUDA).
+// CudaAllocatorMemory and ResetCudaAllocatorPeak on LibTorch's CUDA caching allocator (built only
+// when LibTorch has CUDA).
 
 #include <c10/cuda/CUDACachingAllocator.h>
 
@@ -14,6 +15,13 @@ std::optional<DeviceMemory> CudaAllocatorMemory(const torch::Device& device) {
   // index did not.
   const auto& bytes = stats.allocated_bytes[0];
   return DeviceMemory{.allocated_bytes = bytes.current, .peak_bytes = bytes.peak};
+}
+
+bool ResetCudaAllocatorPeak(const torch::Device& device) {
+  if (!device.is_cuda()) return false;
+  c10::cuda::CUDACachingAllocator::resetPeakStats(device.has_index() ? device.index()
+                                                                     : c10::DeviceIndex{0});
+  return true;
 }
 
 }  // namespace meft::worker

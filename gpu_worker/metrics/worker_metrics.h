@@ -96,6 +96,10 @@ struct DeviceMemory {
   int64_t peak_bytes = 0;
 };
 std::optional<DeviceMemory> CudaAllocatorMemory(const torch::Device& device);
+// Makes the peak of CudaAllocatorMemory(device) restart from the bytes allocated now, so a later
+// reading is the peak of what ran in between (benchmarks measure one configuration at a time).
+// Returns false, doing nothing, when this LibTorch has no CUDA or `device` is not a CUDA device.
+bool ResetCudaAllocatorPeak(const torch::Device& device);
 
 // The meft_worker_* series in `registry`, which must outlive this object. Thread-safety: one
 // caller of RecordStep at a time; scrapes may run concurrently.

@@ -19,4 +19,14 @@ namespace meft::worker {
 std::map<std::string, torch::Tensor> RandomLlamaWeights(const ModelConfig& config, uint64_t seed,
                                                         double std = 0.02);
 
+// The same tensors drawn directly on `device` in `dtype` (no host copy: a 7B model in bf16 is
+// 13.5 GB), from the default generator of the device, which this reseeds with `seed` (as
+// torch::manual_seed does, for every device). The same (config, seed, device type, dtype) gives
+// the same weights; CPU and CUDA draw different numbers. Throws c10::Error when the device runs
+// out of memory.
+std::map<std::string, torch::Tensor> RandomLlamaWeightsOn(const ModelConfig& config, uint64_t seed,
+                                                          torch::Device device,
+                                                          torch::ScalarType dtype,
+                                                          double std = 0.02);
+
 }  // namespace meft::worker

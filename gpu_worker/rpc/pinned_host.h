@@ -24,4 +24,9 @@ bool CanPinHostMemory();
 // error text when the driver refuses.
 absl::StatusOr<std::unique_ptr<PinnedHostRegistration>> PinHostMemory(void* data, size_t bytes);
 
+// True when the CUDA driver reports `data` as page-locked host memory (registered with
+// PinHostMemory or allocated pinned), i.e. a host-to-device copy from it is a direct DMA. Always
+// false in a build without CUDA or without a device. For tests and diagnostics.
+bool IsPinnedHostMemory(const void* data);
+
 }  // namespace meft::worker

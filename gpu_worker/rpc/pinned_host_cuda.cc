@@ -36,4 +36,15 @@ absl::StatusOr<std::unique_ptr<PinnedHostRegistration>> PinHostMemory(void* data
   return std::unique_ptr<PinnedHostRegistration>(new CudaRegistration(data));
 }
 
+bool IsPinnedHostMemory(const void* data) {
+  if (!CanPinHostMemory()) return false;
+  cudaPointerAttributes attributes{};
+  // Since CUDA 11 an ordinary host pointer is not an error but cudaMemoryTypeUnregistered.
+  if (cudaPointerGetAttributes(&attributes, data) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error state of this thread
+    return false;
+  }
+  return attributes.type == cudaMemoryTypeHost;
+}
+
 }  // namespace meft::worker

@@ -10,4 +10,6 @@ absl::StatusOr<std::unique_ptr<PinnedHostRegistration>> PinHostMemory(void*, siz
   return absl::UnimplementedError("pinning host memory: this build's LibTorch has no CUDA");
 }
 
+bool IsPinnedHostMemory(const void*) { return false; }
+
 }  // namespace meft::worker
