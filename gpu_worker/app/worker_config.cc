@@ -15,7 +15,8 @@ namespace meft::worker {
 
 void RegisterWorkerFields(WorkerConfig* c, config::FieldSet* f) {
   f->Add("model_dir", &c->model_dir,
-         "Hugging Face model folder: config.json, *.safetensors, tokenizer.model");
+         "Hugging Face model folder: config.json, *.safetensors, tokenizer.json or "
+         "tokenizer.model");
   f->Add("output_dir", &c->output_dir, "where checkpoints, predictions.jsonl and metrics.json go");
   f->AddChoice("device", &c->device, {"auto", "cpu", "cuda"}, "auto = CUDA when LibTorch has it");
   f->AddChoice("log_level", &c->log_level, {"trace", "debug", "info", "warn", "error", "off"},

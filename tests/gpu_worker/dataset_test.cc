@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "gpu_worker/tokenizer/sentencepiece_tokenizer.h"
 #include "gpu_worker/tokenizer/tokenizer.h"
 
 namespace meft::worker {
@@ -206,8 +207,8 @@ TEST_F(DatasetTest, CustomTemplates) {
 
 TEST_F(DatasetTest, LabelsMaskThePromptExactly) {
   const Example example = MakeExample("Capital of France?", "", "The capital is Paris.");
-  const std::vector<int64_t> prompt = tokenizer_->Encode(formatter_.Format(example), false, false);
-  const std::vector<int64_t> output = tokenizer_->Encode(example.output, false, false);
+  const std::vector<int64_t> prompt = *tokenizer_->Encode(formatter_.Format(example));
+  const std::vector<int64_t> output = *tokenizer_->Encode(example.output);
   auto tokenized = TokenizeExample(example, formatter_, *tokenizer_, TokenizeOptions{});
   ASSERT_TRUE(tokenized.ok()) << tokenized.status();
 
@@ -339,13 +340,12 @@ TEST_F(DatasetTest, LeftPaddedPromptsForGeneration) {
   const Example long_example = MakeExample("Capital of France?", "some input", "unused");
   bool truncated = true;
   std::vector<std::vector<int64_t>> prompts = {
-      TokenizePrompt(short_example, formatter_, *tokenizer_, 4096, &truncated),
-      TokenizePrompt(long_example, formatter_, *tokenizer_, 4096)};
+      *TokenizePrompt(short_example, formatter_, *tokenizer_, 4096, &truncated),
+      *TokenizePrompt(long_example, formatter_, *tokenizer_, 4096)};
   EXPECT_FALSE(truncated);
   std::vector<int64_t> expected = {tokenizer_->bos_id()};
-  for (int64_t id : tokenizer_->Encode(formatter_.Format(short_example), false)) {
-    expected.push_back(id);
-  }
+  const std::vector<int64_t> short_ids = *tokenizer_->Encode(formatter_.Format(short_example));
+  expected.insert(expected.end(), short_ids.begin(), short_ids.end());
   EXPECT_EQ(prompts[0], expected);
   ASSERT_LT(prompts[0].size(), prompts[1].size());
 
@@ -366,7 +366,7 @@ TEST_F(DatasetTest, LeftPaddedPromptsForGeneration) {
   EXPECT_EQ(Row(batch->attention_mask, 1), std::vector<int64_t>(t, 1));
 
   // A long prompt keeps BOS and its end.
-  std::vector<int64_t> cut = TokenizePrompt(long_example, formatter_, *tokenizer_, 6, &truncated);
+  std::vector<int64_t> cut = *TokenizePrompt(long_example, formatter_, *tokenizer_, 6, &truncated);
   EXPECT_TRUE(truncated);
   ASSERT_EQ(cut.size(), 6u);
   EXPECT_EQ(cut[0], tokenizer_->bos_id());
