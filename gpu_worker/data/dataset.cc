@@ -233,6 +233,39 @@ FormattedPrompt PromptFormatter::FormatWithSpans(const Example& example) const {
   return out;
 }
 
+namespace {
+
+// `text` with its braces doubled, so that a template shows it literally.
+std::string EscapeBraces(std::string_view text) {
+  std::string out;
+  for (const char c : text) {
+    out.push_back(c);
+    if (c == '{' || c == '}') out.push_back(c);
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<PromptTemplate> PresetTemplate(std::string_view name,
+                                              std::string_view system_prompt) {
+  if (name == "alpaca") return PromptTemplate{};
+  if (name == "chatml") {
+    const std::string system =
+        system_prompt.empty()
+            ? ""
+            : absl::StrCat("<|im_start|>system\n", EscapeBraces(system_prompt), "<|im_end|>\n");
+    PromptTemplate t;
+    t.with_input = absl::StrCat(system, "<|im_start|>user\n{instruction}\n\n{input}<|im_end|>\n",
+                                "<|im_start|>assistant\n");
+    t.without_input =
+        absl::StrCat(system, "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n");
+    return t;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown prompt template \"", std::string(name), "\" (known: alpaca, chatml)"));
+}
+
 absl::StatusOr<TokenizedExample> TokenizeExample(const Example& example,
                                                  const PromptFormatter& formatter,
                                                  const Tokenizer& tokenizer,

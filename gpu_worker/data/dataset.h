@@ -66,6 +66,11 @@ inline constexpr char kAlpacaPromptWithoutInput[] =
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
 
+// The system message SmolLM2-Instruct's chat template inserts when a conversation has none; the
+// default of data.system_prompt, so that chatml prompts equal that template's output.
+inline constexpr char kSmolLM2SystemPrompt[] =
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+
 // The prompt text before the response. Placeholders are `{instruction}` and `{input}`; `{{` and
 // `}}` stand for literal braces, and a lone `}` is literal. Any other `{...}` is an error.
 // `with_input` (used when the example has a non-empty input) must contain both placeholders;
@@ -76,6 +81,19 @@ struct PromptTemplate {
   std::string with_input = kAlpacaPromptWithInput;
   std::string without_input = kAlpacaPromptWithoutInput;
 };
+
+// The presets of data.template:
+//   "alpaca"  the Stanford Alpaca prompt above (system_prompt unused);
+//   "chatml"  one user turn and the start of the assistant's, as the ChatML chat templates of
+//             SmolLM2 and Qwen render it with add_generation_prompt=True:
+//               <|im_start|>system\n{system_prompt}<|im_end|>\n      (only if system_prompt != "")
+//               <|im_start|>user\n{instruction}\n\n{input}<|im_end|>\n<|im_start|>assistant\n
+//             ("\n\n{input}" only when the example has an input). With kSmolLM2SystemPrompt this
+//             is exactly SmolLM2-Instruct's apply_chat_template output for the user message
+//             instruction + "\n\n" + input; Qwen2.5 inserts its own default system message.
+// Braces in system_prompt are literal. INVALID_ARGUMENT for another name.
+absl::StatusOr<PromptTemplate> PresetTemplate(
+    std::string_view name, std::string_view system_prompt = kSmolLM2SystemPrompt);
 
 // A rendered prompt: the text and the byte ranges of it that came from the template (trusted
 // for special tokens), in order and disjoint.
@@ -140,7 +158,7 @@ struct TokenizedExample {
 // dummy prefix "▁" before the output's first token, as if the response began with a space;
 // generation with the same tokenizer learns and strips it consistently.
 // labels = kIgnoreIndex on prefix + prompt unless `train_on_inputs`, input_ids elsewhere (the EOS
-// is trained, so the model learns to stop).
+// is trained, so the model learns to stop; with chatml and SmolLM2 that EOS is <|im_end|>).
 // Truncation (when longer than max_length): keep the first max_length positions. If that leaves
 // no trained position at index >= 1 (a prompt that fills max_length), the last kept position is
 // replaced by the first response token, so every example trains at least one label.
