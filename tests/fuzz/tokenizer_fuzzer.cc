@@ -43,11 +43,19 @@ std::unique_ptr<HfTokenizer> LoadFixture(const char* name) {
   return *std::move(tokenizer);
 }
 
-// Encodes `text`, checks the ids and returns them.
+// Encodes `text`, checks the ids and returns them. Only a fuzzed tokenizer (`may_fail`) may
+// fail, and only with RESOURCE_EXHAUSTED: its regexes may backtrack catastrophically.
 std::vector<int64_t> CheckedEncode(const Tokenizer& t, std::string_view text,
-                                   const std::vector<TextSpan>& spans) {
+                                   const std::vector<TextSpan>& spans, bool may_fail = false) {
   auto ids = t.Encode(text, spans);
-  if (!ids.ok()) Fail("Encode failed on a small input");
+  if (!ids.ok()) {
+    if (!may_fail || ids.status().code() != absl::StatusCode::kResourceExhausted ||
+        ids.status().message().empty()) {
+      std::fprintf(stderr, "status: %s\n", ids.status().ToString().c_str());
+      Fail("Encode failed");
+    }
+    return {};
+  }
   for (const int64_t id : *ids) {
     if (id < 0 || id >= t.vocab_size()) Fail("id outside the vocabulary");
   }
@@ -114,9 +122,10 @@ void FuzzFiles(std::string_view data) {
   const Tokenizer& t = **tokenizer;
   if (t.eos_id() < 0 || t.eos_id() >= t.vocab_size()) Fail("eos outside the vocabulary");
   for (const std::string_view text : {std::string_view("Hello, world! 123 <s> </s>"), data}) {
-    const std::vector<int64_t> ids = CheckedEncode(t, text, {TextSpan{0, text.size()}});
+    const std::vector<int64_t> ids =
+        CheckedEncode(t, text, {TextSpan{0, text.size()}}, /*may_fail=*/true);
     CheckedDecode(t, ids, false);
-    CheckedDecode(t, CheckedEncode(t, text, {}), true);
+    CheckedDecode(t, CheckedEncode(t, text, {}, /*may_fail=*/true), true);
   }
   CheckedDecode(t, IdsFromBytes(data, t.vocab_size()), false);
 }

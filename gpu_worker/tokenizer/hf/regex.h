@@ -46,8 +46,8 @@ class Regex {
   // Appends every match in `text` (valid UTF-8) to `*matches`, left to right, as tokenizers'
   // Oniguruma iterator finds them: each search starts where the previous match ended, and an
   // empty match right at the end of the previous match is skipped (the search moves on by one
-  // character). Fails only when PCRE2 runs out of memory or its match limits
-  // (RESOURCE_EXHAUSTED).
+  // character). Fails only when PCRE2 runs out of memory or one search exceeds 100 million
+  // backtracking points or 256 MiB of frames (RESOURCE_EXHAUSTED).
   absl::Status FindAll(std::string_view text, std::vector<MatchRange>* matches) const;
 
   // Length of the match anchored at text[pos], or -1 if there is none. Same failures.
