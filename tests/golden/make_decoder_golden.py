@@ -1,35 +1,27 @@
 #!/usr/bin/env python3
-"""Golden logits for meft's LLaMA / Mistral decoder (gpu_worker/model/llama.h).
+"""Golden logits from Hugging Face transformers for meft's LLaMA / Mistral decoder.
 
 For each tiny model (llama_tiny: GQA, linear RoPE scaling, untied head; mistral_tiny: GQA,
-sliding window 4, tied embeddings) writes <out>/<source>/<model>/ with
-  config.json        Hugging Face style model config
-  model.safetensors  fp32 weights under Hugging Face tensor names
-  golden.json        {"source", "input_ids", "attention_mask", "logits_shape", "logits"}
-"logits" is the [batch, seq, vocab] fp32 tensor flattened row-major. The batch has two
-sequences; the second is right-padded (attention_mask 0 at the end). Logits at padded
-positions are included but are not meaningful: compare only where attention_mask is 1.
+sliding window 4, tied embeddings) builds LlamaForCausalLM / MistralForCausalLM from a small
+LlamaConfig / MistralConfig (fp32, eval mode, eager attention), loads the seeded random weights
+below into it and writes <out>/transformers/<model>/ with
+  config.json        written by save_pretrained
+  model.safetensors  fp32 weights, written by save_pretrained
+  golden.json        {"source", "transformers_version", "torch_version", "input_ids",
+                      "attention_mask", "logits_shape", "logits"}
+"logits" is the [batch, seq, vocab] fp32 output of model(input_ids, attention_mask) flattened
+row-major. The batch has two sequences; the second is right-padded (attention_mask 0 at the
+end). Logits at padded positions are included but are not meaningful: compare only where
+attention_mask is 1.
 
-Two sources:
-  --source transformers  (default when `import transformers` works) builds LlamaForCausalLM /
-      MistralForCausalLM from a small LlamaConfig / MistralConfig (fp32, eval mode, eager
-      attention), loads the seeded random weights below into it, writes config.json and
-      model.safetensors with save_pretrained and the logits of model(input_ids, attention_mask).
-  --source plain-torch  writes the same weights itself, an HF-style config.json by hand, and
-      logits from the independent plain-PyTorch forward in this file, which follows the
-      semantics of Hugging Face's modeling_llama.py / modeling_mistral.py. Used where
-      transformers is not installed; its golden.json says so in "source".
-Both sources use identical weights and inputs, so their logits must agree to fp32 rounding;
-the transformers run also prints its distance to the plain-PyTorch forward as a cross-check.
-
-Regenerate (Debian: apt-get install python3-torch; transformers via pip where available):
-    python3 tests/golden/make_decoder_golden.py --source plain-torch
-    python3 tests/golden/make_decoder_golden.py --source transformers
+Regenerate with the pinned environment (scripts/python-env.sh):
+    "$(scripts/python-env.sh | tail -1)/bin/python" tests/golden/make_decoder_golden.py
 """
 import argparse
 import json
 import os
 import shutil
+import sys
 
 import torch
 
@@ -122,142 +114,6 @@ def make_inputs(spec):
 
 
 # ---------------------------------------------------------------------------------------------
-# Independent plain-PyTorch forward (HF eager semantics).
-
-
-def rms_norm(x, weight, eps):
-    # HF LlamaRMSNorm: statistics in fp32, x * rsqrt(mean(x^2) + eps), then weight * x.
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
-
-
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def plain_forward(spec, w, input_ids, attention_mask):
-    bsz, seq = input_ids.shape
-    d, hd = spec["hidden_size"], head_dim(spec)
-    nq, nkv = spec["num_attention_heads"], spec["num_key_value_heads"]
-    eps = spec["rms_norm_eps"]
-
-    # HF forward without explicit position_ids uses positions 0..T-1 for every row. With right
-    # padding these equal cumsum(attention_mask) - 1 at every real token, which is what meft uses.
-    positions = torch.arange(seq, dtype=torch.float32)[None, :].expand(bsz, seq)
-    # RoPE over the full head dim: inv_freq_i = 1 / theta^(2i / d); linear scaling divides the
-    # positions (equivalently inv_freq) by the factor.
-    inv_freq = 1.0 / (spec["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    if spec["rope_scaling_factor"]:
-        inv_freq = inv_freq / spec["rope_scaling_factor"]
-    freqs = positions[..., None] * inv_freq  # [B, T, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, T, hd]
-
-    # Additive mask [B, 1, T, T]: causal, padded keys removed, optional sliding window.
-    # Sliding window as in current HF (masking_utils.sliding_window_overlay:
-    # `kv_idx > q_idx - sliding_window`): query i sees key j iff j <= i and i - j < window,
-    # i.e. itself and the window - 1 keys before it. (HF 4.38-4.47's _make_causal_mask allowed
-    # i - j <= window instead; the transformers run of this script exposes such a difference.)
-    q_idx = torch.arange(seq)[:, None]
-    k_idx = torch.arange(seq)[None, :]
-    allowed = k_idx <= q_idx
-    if spec["sliding_window"]:
-        allowed = allowed & (q_idx - k_idx < spec["sliding_window"])
-    allowed = allowed[None, None] & attention_mask.bool()[:, None, None, :]
-    bias = torch.zeros(bsz, 1, seq, seq).masked_fill(~allowed, torch.finfo(torch.float32).min)
-
-    h = w["model.embed_tokens.weight"][input_ids]
-    for i in range(spec["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        x = rms_norm(h, w[p + "input_layernorm.weight"], eps)
-        q = (x @ w[p + "self_attn.q_proj.weight"].T).view(bsz, seq, nq, hd).transpose(1, 2)
-        k = (x @ w[p + "self_attn.k_proj.weight"].T).view(bsz, seq, nkv, hd).transpose(1, 2)
-        v = (x @ w[p + "self_attn.v_proj.weight"].T).view(bsz, seq, nkv, hd).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        # repeat_kv: query head n uses key/value head n // (nq / nkv).
-        k = k.repeat_interleave(nq // nkv, dim=1)
-        v = v.repeat_interleave(nq // nkv, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * hd ** -0.5 + bias
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        attn = (probs @ v).transpose(1, 2).reshape(bsz, seq, nq * hd)
-        h = h + attn @ w[p + "self_attn.o_proj.weight"].T
-        x = rms_norm(h, w[p + "post_attention_layernorm.weight"], eps)
-        gate = torch.nn.functional.silu(x @ w[p + "mlp.gate_proj.weight"].T)
-        up = x @ w[p + "mlp.up_proj.weight"].T
-        h = h + (gate * up) @ w[p + "mlp.down_proj.weight"].T
-    h = rms_norm(h, w["model.norm.weight"], eps)
-    head = w["model.embed_tokens.weight"] if spec["tie_word_embeddings"] else w["lm_head.weight"]
-    return (h @ head.T).float()
-
-
-def plain_config(spec):
-    """config.json as transformers 4.x writes it for these models."""
-    cfg = {
-        "architectures": spec["architectures"],
-        "model_type": spec["model_type"],
-        "vocab_size": spec["vocab_size"],
-        "hidden_size": spec["hidden_size"],
-        "intermediate_size": spec["intermediate_size"],
-        "num_hidden_layers": spec["num_hidden_layers"],
-        "num_attention_heads": spec["num_attention_heads"],
-        "num_key_value_heads": spec["num_key_value_heads"],
-        "head_dim": head_dim(spec),
-        "hidden_act": "silu",
-        "rms_norm_eps": spec["rms_norm_eps"],
-        "rope_theta": spec["rope_theta"],
-        "rope_scaling": None,
-        "max_position_embeddings": spec["max_position_embeddings"],
-        "tie_word_embeddings": spec["tie_word_embeddings"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": PAD_ID,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "torch_dtype": "float32",
-    }
-    if spec["model_type"] == "llama":
-        cfg["mlp_bias"] = False
-        cfg["pretraining_tp"] = 1
-    else:
-        cfg["sliding_window"] = spec["sliding_window"]
-    if spec["rope_scaling_factor"]:
-        cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear",
-                               "factor": spec["rope_scaling_factor"]}
-    return cfg
-
-
-def save_safetensors(weights, path):
-    # safetensors' own writer when available; otherwise a minimal writer for fp32 tensors.
-    try:
-        from safetensors.torch import save_file
-        save_file({k: t.contiguous() for k, t in weights.items()}, path,
-                  metadata={"format": "pt"})
-        return
-    except ImportError:
-        pass
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name in sorted(weights):
-        data = weights[name].contiguous().to(torch.float32).numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(weights[name].shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * ((8 - len(text) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for blob in blobs:
-            f.write(blob)
-
-
-# ---------------------------------------------------------------------------------------------
 # transformers
 
 
@@ -310,35 +166,26 @@ def build_hf_model(spec, weights):
     return model, transformers.__version__
 
 
-def write_model(out_root, source, name, spec):
-    out = os.path.join(out_root, source, name)
+def write_model(out_root, name, spec):
+    import transformers
+
+    out = os.path.join(out_root, "transformers", name)
     if os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(out)
     weights = make_weights(spec)
     ids, mask = make_inputs(spec)
-    plain = plain_forward(spec, weights, ids, mask)
-    if source == "transformers":
-        model, version = build_hf_model(spec, weights)
-        model.save_pretrained(out, safe_serialization=True)
-        for extra in ("generation_config.json",):
-            if os.path.exists(os.path.join(out, extra)):
-                os.remove(os.path.join(out, extra))
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        label = f"transformers {version} {type(model).__name__} (eager attention)"
-        real = mask.bool()
-        diff = (logits - plain).abs()[real].max().item()
-        print(f"{name}: max |transformers - plain-torch| at real positions = {diff:.3g}")
-    else:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(plain_config(spec), f, indent=2)
-            f.write("\n")
-        save_safetensors(weights, os.path.join(out, "model.safetensors"))
-        logits = plain
-        label = "interim: plain PyTorch reference, not transformers"
+    model, version = build_hf_model(spec, weights)
+    model.save_pretrained(out, safe_serialization=True)
+    # The decoder needs no generation settings; keep the folder to what is tested.
+    if os.path.exists(os.path.join(out, "generation_config.json")):
+        os.remove(os.path.join(out, "generation_config.json"))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
     golden = {
-        "source": label,
+        "source": f"transformers {version} {type(model).__name__} (eager attention)",
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
         "input_ids": ids.tolist(),
         "attention_mask": mask.tolist(),
         "logits_shape": list(logits.shape),
@@ -347,22 +194,17 @@ def write_model(out_root, source, name, spec):
     with open(os.path.join(out, "golden.json"), "w") as f:
         json.dump(golden, f, separators=(",", ":"))
         f.write("\n")
-    print(f"wrote {out}")
+    print(f"wrote {out}", file=sys.stderr)
 
 
 def main():
-    try:
-        import transformers  # noqa: F401
-        default = "transformers"
-    except ImportError:
-        default = "plain-torch"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--source", choices=["transformers", "plain-torch"], default=default)
-    parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)),
+                        help="golden root; files go to <out>/transformers/<model>/")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     for name, spec in MODELS.items():
-        write_model(args.out, args.source, name, spec)
+        write_model(args.out, name, spec)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ using ::testing::HasSubstr;
 using json = nlohmann::json;
 using Sequences = std::vector<std::vector<int64_t>>;
 
-const std::string kLlamaTiny = std::string(MEFT_GOLDEN_DIR) + "/plain-torch/llama_tiny";
+const std::string kLlamaTiny = std::string(MEFT_GOLDEN_DIR) + "/transformers/llama_tiny";
 constexpr int64_t kVocab = 96;  // llama_tiny's vocabulary.
 constexpr int64_t kBos = 1;
 constexpr int64_t kPad = 0;

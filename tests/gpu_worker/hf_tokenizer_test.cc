@@ -1,6 +1,6 @@
 // The tokenizer.json backend: ids and decoded text against transformers' goldens
-// (tests/golden/make_tokenizer_golden.py, the model engineer's smollm2_135m and llama_bpe_tiny
-// goldens), hand-checked unit cases of its components, and its error messages.
+// (tests/golden/make_tokenizer_golden.py, make_smollm2_golden.py and
+// make_bpe_tokenizer_golden.py), hand-checked unit cases of its components, and its error messages.
 
 #include "gpu_worker/tokenizer/hf_tokenizer.h"
 
@@ -125,9 +125,15 @@ TEST(HfTokenizerGoldenTest, LlamaMetaspaceByteFallback) {
   CheckGolden(kTiny + "/llama_metaspace", kTiny + "/llama_metaspace/tokens.json");
 }
 
-// The model engineer's Metaspace / byte-fallback fixture, with its own golden.
+// The byte-fallback fixtures converted by transformers from a SentencePiece model
+// (make_bpe_tokenizer_golden.py): legacy Prepend + Replace, and Metaspace.
 TEST(HfTokenizerGoldenTest, LlamaBpeTiny) {
   CheckGolden(kGolden + "/llama_bpe_tiny", kGolden + "/llama_bpe_tiny/tokens.json");
+}
+
+TEST(HfTokenizerGoldenTest, LlamaBpeTinyMetaspace) {
+  CheckGolden(kGolden + "/llama_bpe_tiny_metaspace",
+              kGolden + "/llama_bpe_tiny_metaspace/tokens.json");
 }
 
 // SmolLM2-135M's own tokenizer (the folder scripts/fetch-model.sh smollm2-135m writes; the test

@@ -167,7 +167,7 @@ std::unique_ptr<Run> MakeRun(const std::vector<std::vector<uint32_t>>& layer_set
                              const fs::path& root, TrainerOptions o) {
   auto run = std::make_unique<Run>();
   run->model =
-      *LlamaModel::Load(MEFT_GOLDEN_DIR "/plain-torch/llama_tiny", torch::kCPU, torch::kFloat32);
+      *LlamaModel::Load(MEFT_GOLDEN_DIR "/transformers/llama_tiny", torch::kCPU, torch::kFloat32);
   run->loader = TinyLoader();
   std::vector<ParamShard> shards;
   for (size_t i = 0; i < layer_sets.size(); ++i) {

@@ -76,7 +76,7 @@ std::unique_ptr<World> MakeWorld(const std::string& adapter,
                                  const std::string& server_ckpt_dir = "") {
   auto w = std::make_unique<World>();
   auto model =
-      LlamaModel::Load(MEFT_GOLDEN_DIR "/plain-torch/llama_tiny", torch::kCPU, torch::kFloat32);
+      LlamaModel::Load(MEFT_GOLDEN_DIR "/transformers/llama_tiny", torch::kCPU, torch::kFloat32);
   EXPECT_TRUE(model.ok()) << model.status();
   w->model = *std::move(model);
   auto loader =
