@@ -90,6 +90,33 @@ absl::StatusOr<AddedToken> ParseAddedToken(const JsonRef& json) {
   return token;
 }
 
+// Whether tokenizer.json looks like transformers' LlamaConverter output for add_prefix_space
+// `add`: with `legacy`, a Prepend("▁") normalizer (alone or in a Sequence) exactly when `add`;
+// without, a Metaspace pre-tokenizer with prepend_scheme "first" (add) or "never".
+absl::StatusOr<bool> AgreesWithAddPrefixSpace(const JsonRef& root, bool add, bool legacy) {
+  if (legacy) {
+    const JsonRef normalizer = root["normalizer"];
+    bool has_prepend = false;
+    auto is_prepend = [](const JsonRef& n) {
+      return !n.is_null() && n.json().is_object() && n.json().value("type", "") == "Prepend" &&
+             n.json().value("prepend", "") == "\xE2\x96\x81";
+    };
+    if (is_prepend(normalizer)) has_prepend = true;
+    if (!normalizer.is_null() && normalizer.json().is_object() &&
+        normalizer.json().value("type", "") == "Sequence") {
+      MEFT_ASSIGN_OR_RETURN(const size_t n, normalizer["normalizers"].ArraySize());
+      for (size_t i = 0; i < n; ++i)
+        has_prepend = has_prepend || is_prepend(normalizer["normalizers"].At(i));
+    }
+    return has_prepend == add;
+  }
+  const JsonRef pre = root["pre_tokenizer"];
+  if (pre.is_null() || !pre.json().is_object() || pre.json().value("type", "") != "Metaspace") {
+    return false;
+  }
+  return pre.json().value("prepend_scheme", "") == (add ? "first" : "never");
+}
+
 // transformers' clean_up_tokenization.
 std::string CleanUpTokenizationSpaces(std::string text) {
   static constexpr std::array<std::pair<std::string_view, std::string_view>, 10> kRules = {{
@@ -242,10 +269,20 @@ absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Create(const HfTokeniz
   const JsonRef prefix_space = config["add_prefix_space"];
   if (side.cls->rebuilds_post_processor) {
     if (!prefix_space.is_null()) {
-      return prefix_space.Unsupported(
-          absl::StrCat("transformers rebuilds a ", class_name,
-                       " with add_prefix_space from tokenizer.model; meft reads tokenizer.json "
-                       "as it is (remove the key or set it to null)"));
+      // transformers then converts tokenizer.model again; meft reads tokenizer.json, which is
+      // that conversion when save_pretrained wrote both. Check the part the flag decides.
+      MEFT_ASSIGN_OR_RETURN(const bool add, prefix_space.BoolOr(true));
+      MEFT_ASSIGN_OR_RETURN(const bool legacy, config["legacy"].BoolOr(true));
+      MEFT_ASSIGN_OR_RETURN(const bool agrees, AgreesWithAddPrefixSpace(root, add, legacy));
+      if (!agrees) {
+        return prefix_space.Unsupported(absl::StrCat(
+            "add_prefix_space ", add ? "true" : "false", " with legacy ", legacy ? "true" : "false",
+            " makes transformers rebuild this ", class_name, " from tokenizer.model with ",
+            legacy ? (add ? "a Prepend(\"▁\") normalizer" : "no Prepend normalizer")
+                   : (add ? "Metaspace prepend_scheme \"first\""
+                          : "Metaspace prepend_scheme \"never\""),
+            ", which ", path, " does not have; meft reads tokenizer.json as it is"));
+      }
     }
   } else if (prefix_space.is_missing() || !prefix_space.is_null()) {
     MEFT_ASSIGN_OR_RETURN(const bool value, prefix_space.BoolOr(false));
