@@ -17,8 +17,10 @@
 // add_eos_token (default false); GPT2Tokenizer(Fast) ("<|endoftext|>" for bos, eos and unk),
 // Qwen2Tokenizer(Fast) (eos, unk and pad "<|endoftext|>", no bos) and PreTrainedTokenizerFast
 // (none) keep tokenizer.json's post-processor, and take a top-level ByteLevel pre-tokenizer's
-// add_prefix_space from tokenizer_config.json (false when absent). Other classes are
-// UNIMPLEMENTED. As in transformers, special tokens named by these files that are not added
+// add_prefix_space from tokenizer_config.json (false when absent). A Llama-family
+// add_prefix_space (transformers then rebuilds the tokenizer from tokenizer.model) must agree
+// with tokenizer.json's Prepend normalizer / Metaspace prepend_scheme, else UNIMPLEMENTED. Other
+// classes are UNIMPLEMENTED. As in transformers, special tokens named by these files that are not added
 // tokens of tokenizer.json become special added tokens (they must be in the vocabulary), and
 // added_tokens_decoder's lstrip / rstrip / single_word replace tokenizer.json's.
 
