@@ -208,8 +208,9 @@ absl::Status Generate(const WorkerConfig& c, const std::string& checkpoint,
   meft::worker::Example example;
   example.instruction = prompt;
   example.input = input;
-  const std::vector<int64_t> ids =
-      meft::worker::TokenizePrompt(example, s->formatter, *s->tokenizer, c.max_length);
+  MEFT_ASSIGN_OR_RETURN(
+      const std::vector<int64_t> ids,
+      meft::worker::TokenizePrompt(example, s->formatter, *s->tokenizer, c.max_length));
   MEFT_ASSIGN_OR_RETURN(meft::worker::EvaluateOptions options,
                         meft::worker::MakeEvaluateOptions(c));
   EvaluationMode(*s, 0);
@@ -304,8 +305,8 @@ int RunWithConfig(const std::string& command, int argc, char** argv) {
   if (status.ok()) status = fields.ApplyCli();
   if (status.ok()) status = meft::logging::Init(config.log_level, "worker");
   if (!status.ok()) return Finish(status);
-  spdlog::info("{}", meft::rpc::KeepMessageBuffersInHeap(
-                         meft::config::AllocatorTunedByEnvironment()));
+  spdlog::info("{}",
+               meft::rpc::KeepMessageBuffersInHeap(meft::config::AllocatorTunedByEnvironment()));
   if (command == "train") return Finish(Train(config, resume));
   if (command == "eval") return Finish(Eval(config, checkpoint, output, limit));
   return Finish(Generate(config, checkpoint, prompt, input));

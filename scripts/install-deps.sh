@@ -21,8 +21,8 @@ packages=(
   prometheus curl python3 python3-yaml docker-compose
   # TLS tests generate certificates
   openssl
-  # tokenizer.json pre-tokenizer regexes (Unicode classes)
-  libpcre2-dev
+  # tokenizer.json: pre-tokenizer regexes (Unicode classes) and Unicode normalizers (NFC, NFKC, ...)
+  libpcre2-dev libicu-dev
   # scripts/python-env.sh: the pinned virtual environment of the tools around meft
   python3-venv
   # an optimised BLAS for LibTorch's CPU matrix products (without it, the reference BLAS)

@@ -10,12 +10,14 @@
 #include "common/status.h"
 #include "gpu_worker/app/server_connect.h"
 #include "gpu_worker/rpc/grpc_param_client.h"
+#include "spdlog/spdlog.h"
 
 namespace meft::worker {
 
 void RegisterWorkerFields(WorkerConfig* c, config::FieldSet* f) {
   f->Add("model_dir", &c->model_dir,
-         "Hugging Face model folder: config.json, *.safetensors, tokenizer.model");
+         "Hugging Face model folder: config.json, *.safetensors, tokenizer.json or "
+         "tokenizer.model");
   f->Add("output_dir", &c->output_dir, "where checkpoints, predictions.jsonl and metrics.json go");
   f->AddChoice("device", &c->device, {"auto", "cpu", "cuda"}, "auto = CUDA when LibTorch has it");
   f->AddChoice("log_level", &c->log_level, {"trace", "debug", "info", "warn", "error", "off"},
@@ -33,10 +35,16 @@ void RegisterWorkerFields(WorkerConfig* c, config::FieldSet* f) {
          "longest training example in tokens (longer ones are truncated)");
   f->SetRange("data.max_length", 2, 1 << 20);
   f->Add("data.train_on_inputs", &c->train_on_inputs, "compute the loss on prompt tokens too");
+  f->AddChoice("data.template", &c->prompt_template, {"alpaca", "chatml"},
+               "prompt preset: alpaca (Stanford Alpaca) or chatml (<|im_start|>user ... "
+               "<|im_start|>assistant, as SmolLM2's and Qwen's chat templates render one turn)");
+  f->Add("data.system_prompt", &c->system_prompt,
+         "chatml: the system message (default: the one SmolLM2-Instruct's template inserts); "
+         "\"\" = no system turn");
   f->Add("data.template_with_input", &c->template_with_input,
-         "prompt template with {instruction} and {input}; \"\" = Alpaca");
+         "prompt template with {instruction} and {input}; \"\" = the preset's");
   f->Add("data.template_without_input", &c->template_without_input,
-         "prompt template with {instruction}; \"\" = Alpaca");
+         "prompt template with {instruction}; \"\" = the preset's");
   f->AddChoice(
       "adapter.type", &c->adapter, {"meft", "parallel", "lora", "none"},
       "meft: sparse adapter on the parameter server; parallel: the same adapter dense on the "
@@ -173,7 +181,17 @@ absl::StatusOr<std::unique_ptr<WorkerSession>> OpenSession(const WorkerConfig& c
   MEFT_ASSIGN_OR_RETURN(s->model, LlamaModel::Load(c.model_dir, device, dtype));
   const ModelConfig& mc = s->model->config();
   if (mc.pad_token_id >= 0) MEFT_RETURN_IF_ERROR(s->tokenizer->set_pad_id(mc.pad_token_id));
-  PromptTemplate tmpl;
+  MEFT_ASSIGN_OR_RETURN(PromptTemplate tmpl, PresetTemplate(c.prompt_template, c.system_prompt));
+  if (c.prompt_template == "chatml") {
+    for (const char* marker : {"<|im_start|>", "<|im_end|>"}) {
+      if (s->tokenizer->SpecialTokenId(marker) < 0) {
+        spdlog::warn(
+            "data.template: chatml, but {} is not a special token of {}; it is encoded "
+            "as plain text",
+            marker, s->tokenizer->source());
+      }
+    }
+  }
   if (!c.template_with_input.empty()) tmpl.with_input = c.template_with_input;
   if (!c.template_without_input.empty()) tmpl.without_input = c.template_without_input;
   MEFT_ASSIGN_OR_RETURN(s->formatter, PromptFormatter::Create(tmpl));

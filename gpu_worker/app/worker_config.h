@@ -36,8 +36,10 @@ struct WorkerConfig {
   std::string eval_file = "runs/facts/eval.jsonl";
   int64_t max_length = 128;
   bool train_on_inputs = false;
-  std::string template_with_input;     // "" = Alpaca
-  std::string template_without_input;  // "" = Alpaca
+  std::string prompt_template = "alpaca";            // alpaca | chatml
+  std::string system_prompt = kSmolLM2SystemPrompt;  // chatml's system turn; "" = none
+  std::string template_with_input;                   // "" = the preset's
+  std::string template_without_input;                // "" = the preset's
   // adapter
   std::string adapter = "meft";  // meft | parallel | lora
   std::vector<uint32_t> layers;  // empty = every layer (meft: the server's layers)

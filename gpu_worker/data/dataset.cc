@@ -208,26 +208,62 @@ absl::StatusOr<PromptFormatter> PromptFormatter::Create(const PromptTemplate& pr
 }
 
 void PromptFormatter::Append(const std::vector<Segment>& segments, const Example& example,
-                             std::string* out) {
+                             FormattedPrompt* out) {
   for (const Segment& segment : segments) {
     switch (segment.kind) {
-      case Segment::Kind::kLiteral:
-        *out += segment.text;
+      case Segment::Kind::kLiteral: {
+        const size_t begin = out->text.size();
+        out->text += segment.text;
+        out->template_spans.push_back(TextSpan{begin, out->text.size()});
         break;
+      }
       case Segment::Kind::kInstruction:
-        *out += example.instruction;
+        out->text += example.instruction;
         break;
       case Segment::Kind::kInput:
-        *out += example.input;
+        out->text += example.input;
         break;
     }
   }
 }
 
-std::string PromptFormatter::Format(const Example& example) const {
-  std::string out;
+FormattedPrompt PromptFormatter::FormatWithSpans(const Example& example) const {
+  FormattedPrompt out;
   Append(example.input.empty() ? without_input_ : with_input_, example, &out);
   return out;
+}
+
+namespace {
+
+// `text` with its braces doubled, so that a template shows it literally.
+std::string EscapeBraces(std::string_view text) {
+  std::string out;
+  for (const char c : text) {
+    out.push_back(c);
+    if (c == '{' || c == '}') out.push_back(c);
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<PromptTemplate> PresetTemplate(std::string_view name,
+                                              std::string_view system_prompt) {
+  if (name == "alpaca") return PromptTemplate{};
+  if (name == "chatml") {
+    const std::string system =
+        system_prompt.empty()
+            ? ""
+            : absl::StrCat("<|im_start|>system\n", EscapeBraces(system_prompt), "<|im_end|>\n");
+    PromptTemplate t;
+    t.with_input = absl::StrCat(system, "<|im_start|>user\n{instruction}\n\n{input}<|im_end|>\n",
+                                "<|im_start|>assistant\n");
+    t.without_input =
+        absl::StrCat(system, "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n");
+    return t;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown prompt template \"", std::string(name), "\" (known: alpaca, chatml)"));
 }
 
 absl::StatusOr<TokenizedExample> TokenizeExample(const Example& example,
@@ -238,19 +274,20 @@ absl::StatusOr<TokenizedExample> TokenizeExample(const Example& example,
     return absl::InvalidArgumentError(
         absl::StrCat("max_length must be at least 2, got ", options.max_length));
   }
-  const std::vector<int64_t> prompt =
-      tokenizer.Encode(formatter.Format(example), /*add_bos=*/false, /*add_eos=*/false);
-  const std::vector<int64_t> output =
-      tokenizer.Encode(example.output, /*add_bos=*/false, /*add_eos=*/false);
+  const FormattedPrompt formatted = formatter.FormatWithSpans(example);
+  MEFT_ASSIGN_OR_RETURN(const std::vector<int64_t> prompt,
+                        tokenizer.Encode(formatted.text, formatted.template_spans));
+  MEFT_ASSIGN_OR_RETURN(const std::vector<int64_t> output, tokenizer.Encode(example.output));
 
   TokenizedExample result;
   std::vector<int64_t>& ids = result.input_ids;
-  ids.reserve(prompt.size() + output.size() + 2);
-  ids.push_back(tokenizer.bos_id());
+  const std::vector<int64_t>& prefix = tokenizer.prefix_ids();
+  ids.reserve(prefix.size() + prompt.size() + output.size() + 1);
+  ids.insert(ids.end(), prefix.begin(), prefix.end());
   ids.insert(ids.end(), prompt.begin(), prompt.end());
   ids.insert(ids.end(), output.begin(), output.end());
   ids.push_back(tokenizer.eos_id());
-  const int64_t prompt_length = 1 + static_cast<int64_t>(prompt.size());
+  const int64_t prompt_length = static_cast<int64_t>(prefix.size() + prompt.size());
   result.prompt_length = prompt_length;
 
   result.labels = ids;
@@ -334,14 +371,20 @@ absl::StatusOr<Batch> CollateRightPadded(const std::vector<TokenizedExample>& ex
   return batch;
 }
 
-std::vector<int64_t> TokenizePrompt(const Example& example, const PromptFormatter& formatter,
-                                    const Tokenizer& tokenizer, int64_t max_prompt_length,
-                                    bool* truncated) {
-  std::vector<int64_t> ids = tokenizer.Encode(formatter.Format(example), /*add_bos=*/true,
-                                              /*add_eos=*/false);
-  const int64_t limit = std::max<int64_t>(max_prompt_length, 2);
+absl::StatusOr<std::vector<int64_t>> TokenizePrompt(const Example& example,
+                                                    const PromptFormatter& formatter,
+                                                    const Tokenizer& tokenizer,
+                                                    int64_t max_prompt_length, bool* truncated) {
+  const FormattedPrompt formatted = formatter.FormatWithSpans(example);
+  MEFT_ASSIGN_OR_RETURN(const std::vector<int64_t> prompt,
+                        tokenizer.Encode(formatted.text, formatted.template_spans));
+  const std::vector<int64_t>& prefix = tokenizer.prefix_ids();
+  std::vector<int64_t> ids = prefix;
+  ids.insert(ids.end(), prompt.begin(), prompt.end());
+  const int64_t kept_prefix = static_cast<int64_t>(prefix.size());
+  const int64_t limit = std::max<int64_t>(max_prompt_length, kept_prefix + 1);
   const bool cut = static_cast<int64_t>(ids.size()) > limit;
-  if (cut) ids.erase(ids.begin() + 1, ids.end() - (limit - 1));
+  if (cut) ids.erase(ids.begin() + kept_prefix, ids.end() - (limit - kept_prefix));
   if (truncated != nullptr) *truncated = cut;
   return ids;
 }

@@ -66,13 +66,40 @@ inline constexpr char kAlpacaPromptWithoutInput[] =
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
 
+// The system message SmolLM2-Instruct's chat template inserts when a conversation has none; the
+// default of data.system_prompt, so that chatml prompts equal that template's output.
+inline constexpr char kSmolLM2SystemPrompt[] =
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+
 // The prompt text before the response. Placeholders are `{instruction}` and `{input}`; `{{` and
 // `}}` stand for literal braces, and a lone `}` is literal. Any other `{...}` is an error.
 // `with_input` (used when the example has a non-empty input) must contain both placeholders;
 // `without_input` must contain `{instruction}` and must not contain `{input}`.
+// The template's own text is trusted: special-token strings in it ("<|im_start|>") become
+// special tokens, while the substituted instruction and input never do (see Tokenizer::Encode).
 struct PromptTemplate {
   std::string with_input = kAlpacaPromptWithInput;
   std::string without_input = kAlpacaPromptWithoutInput;
+};
+
+// The presets of data.template:
+//   "alpaca"  the Stanford Alpaca prompt above (system_prompt unused);
+//   "chatml"  one user turn and the start of the assistant's, as the ChatML chat templates of
+//             SmolLM2 and Qwen render it with add_generation_prompt=True:
+//               <|im_start|>system\n{system_prompt}<|im_end|>\n      (only if system_prompt != "")
+//               <|im_start|>user\n{instruction}\n\n{input}<|im_end|>\n<|im_start|>assistant\n
+//             ("\n\n{input}" only when the example has an input). With kSmolLM2SystemPrompt this
+//             is exactly SmolLM2-Instruct's apply_chat_template output for the user message
+//             instruction + "\n\n" + input; Qwen2.5 inserts its own default system message.
+// Braces in system_prompt are literal. INVALID_ARGUMENT for another name.
+absl::StatusOr<PromptTemplate> PresetTemplate(
+    std::string_view name, std::string_view system_prompt = kSmolLM2SystemPrompt);
+
+// A rendered prompt: the text and the byte ranges of it that came from the template (trusted
+// for special tokens), in order and disjoint.
+struct FormattedPrompt {
+  std::string text;
+  std::vector<TextSpan> template_spans;
 };
 
 // A validated PromptTemplate. Substitution is one pass: braces inside the substituted
@@ -84,7 +111,9 @@ class PromptFormatter {
   static absl::StatusOr<PromptFormatter> Create(const PromptTemplate& prompt_template = {});
 
   // The prompt of `example` (its output is not part of it).
-  std::string Format(const Example& example) const;
+  std::string Format(const Example& example) const { return FormatWithSpans(example).text; }
+  // The same text with the template's spans.
+  FormattedPrompt FormatWithSpans(const Example& example) const;
 
  private:
   struct Segment {
@@ -95,14 +124,14 @@ class PromptFormatter {
   static absl::Status Compile(std::string_view text, std::string_view name, bool is_with_input,
                               std::vector<Segment>* segments);
   static void Append(const std::vector<Segment>& segments, const Example& example,
-                     std::string* out);
+                     FormattedPrompt* out);
 
   std::vector<Segment> with_input_;
   std::vector<Segment> without_input_;
 };
 
 struct TokenizeOptions {
-  // Longest sequence in tokens, BOS and EOS included; at least 2.
+  // Longest sequence in tokens, prefix (BOS) and EOS included; at least 2.
   int64_t max_length = 512;
   // Also train on the prompt tokens (labels = input ids everywhere).
   bool train_on_inputs = false;
@@ -114,24 +143,26 @@ struct TokenizedExample {
   // kIgnoreIndex where no loss is taken; otherwise equal to input_ids at that position. The
   // model shifts labels by one (labels[t] is predicted from positions < t), as in Hugging Face.
   std::vector<int64_t> labels;
-  // Number of leading positions that belong to BOS + prompt (after truncation).
+  // Number of leading positions that belong to the prefix (BOS) + prompt (after truncation).
   int64_t prompt_length = 0;
   bool truncated = false;
 };
 
 // Tokenizes one example as
-//   input_ids = [BOS] + Encode(prompt) + Encode(output) + [EOS]
-// with the prompt and the output encoded separately (each without BOS/EOS) and concatenated, so
-// the prompt/response boundary is exact: position 1 + |Encode(prompt)| is the first response
-// token. The price is that SentencePiece puts its dummy prefix "▁" before the output's first
-// token, as if the response began with a space; generation with the same tokenizer learns and
-// strips it consistently (Decode drops a leading "▁").
-// labels = kIgnoreIndex on BOS + prompt unless `train_on_inputs`, input_ids elsewhere (the EOS is
-// trained, so the model learns to stop).
+//   input_ids = prefix_ids + Encode(prompt) + Encode(output) + [EOS]
+// where prefix_ids is what the tokenizer's add_special_tokens puts before a sequence ([BOS] for
+// Llama, nothing for SmolLM2); its suffix_ids are not used (EOS is always appended once). The
+// prompt (special tokens matched in the template's text only) and the output (never matched)
+// are encoded separately and concatenated, so the prompt/response boundary is exact: position
+// |prefix| + |Encode(prompt)| is the first response token. The price, for SentencePiece, is its
+// dummy prefix "▁" before the output's first token, as if the response began with a space;
+// generation with the same tokenizer learns and strips it consistently.
+// labels = kIgnoreIndex on prefix + prompt unless `train_on_inputs`, input_ids elsewhere (the EOS
+// is trained, so the model learns to stop; with chatml and SmolLM2 that EOS is <|im_end|>).
 // Truncation (when longer than max_length): keep the first max_length positions. If that leaves
 // no trained position at index >= 1 (a prompt that fills max_length), the last kept position is
 // replaced by the first response token, so every example trains at least one label.
-// INVALID_ARGUMENT if max_length < 2.
+// INVALID_ARGUMENT if max_length < 2; the tokenizer's errors are passed on.
 absl::StatusOr<TokenizedExample> TokenizeExample(const Example& example,
                                                  const PromptFormatter& formatter,
                                                  const Tokenizer& tokenizer,
@@ -169,13 +200,16 @@ struct Batch {
 absl::StatusOr<Batch> CollateRightPadded(const std::vector<TokenizedExample>& examples,
                                          std::span<const int64_t> indices, int64_t pad_id);
 
-// Prompt ids for generation: [BOS] + Encode(prompt). A prompt longer than `max_prompt_length`
-// (>= 2) keeps BOS and its last max_prompt_length - 1 tokens, since the end of the prompt
-// ("### Response:\n") is what generation continues from; `*truncated` (if given) says whether that
-// happened.
-std::vector<int64_t> TokenizePrompt(const Example& example, const PromptFormatter& formatter,
-                                    const Tokenizer& tokenizer, int64_t max_prompt_length,
-                                    bool* truncated = nullptr);
+// Prompt ids for generation: prefix_ids + Encode(prompt) (special tokens matched in the
+// template's text only). A prompt longer than `max_prompt_length` (at least |prefix| + 1) keeps
+// the prefix and its last tokens, since the end of the prompt ("### Response:\n") is what
+// generation continues from; `*truncated` (if given) says whether that happened. The tokenizer's
+// errors are passed on.
+absl::StatusOr<std::vector<int64_t>> TokenizePrompt(const Example& example,
+                                                    const PromptFormatter& formatter,
+                                                    const Tokenizer& tokenizer,
+                                                    int64_t max_prompt_length,
+                                                    bool* truncated = nullptr);
 
 // Left-padded batch of prompts[indices[i]] for batched generation: row i is padding (pad_id,
 // attention_mask 0) followed by the prompt, so every row ends at column T - 1 and generated

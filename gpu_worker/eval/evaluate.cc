@@ -69,8 +69,8 @@ absl::StatusOr<EvaluateResult> Evaluate(
   int64_t num_truncated = 0;
   for (int64_t i = 0; i < total; ++i) {
     bool truncated = false;
-    prompts[i] =
-        TokenizePrompt(examples[i], formatter, tokenizer, options.max_prompt_length, &truncated);
+    MEFT_ASSIGN_OR_RETURN(prompts[i], TokenizePrompt(examples[i], formatter, tokenizer,
+                                                     options.max_prompt_length, &truncated));
     if (truncated) ++num_truncated;
   }
   if (num_truncated > 0) {

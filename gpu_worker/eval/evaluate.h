@@ -61,7 +61,7 @@ struct EvaluateResult {
 //
 // INVALID_ARGUMENT for bad options (negative limit, max_prompt_length < 2, bad generate options,
 // a reserved metadata key) or a tokenizer whose vocabulary is larger than the model's; errors of
-// Generate and of writing the files are passed on. Never throws.
+// the tokenizer, of Generate and of writing the files are passed on. Never throws.
 absl::StatusOr<EvaluateResult> Evaluate(
     const LlamaModel& model, const Tokenizer& tokenizer, const std::vector<Example>& examples,
     const PromptFormatter& formatter, const EvaluateOptions& options, AdapterHooks* hooks,

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <numbers>
@@ -21,6 +22,7 @@
 #include "common/safetensors/safetensors.h"
 #include "common/status.h"
 #include "gpu_worker/data/dataset.h"
+#include "gpu_worker/tokenizer/sentencepiece_tokenizer.h"
 #include "gpu_worker/tokenizer/tokenizer.h"
 
 namespace meft::worker {
@@ -555,17 +557,20 @@ absl::StatusOr<FactsSummary> MakeFactsImpl(const FactsOptions& o) {
   summary.vocab_size = tokenizer->vocab_size();
   int64_t answer_tokens = 0;
   for (const Fact& fact : b.facts) {
-    answer_tokens += static_cast<int64_t>(tokenizer->Encode(fact.answer, false, false).size());
+    MEFT_ASSIGN_OR_RETURN(const std::vector<int64_t> ids, tokenizer->Encode(fact.answer));
+    answer_tokens += static_cast<int64_t>(ids.size());
   }
   summary.mean_answer_tokens =
       static_cast<double>(answer_tokens) / static_cast<double>(b.facts.size());
+  TokenizeOptions untruncated;
+  untruncated.max_length = std::numeric_limits<int64_t>::max();
   for (const std::vector<Example>* split : {&train, &eval, &heldout}) {
     for (const Example& example : *split) {
-      // As TokenizeExample: BOS + prompt + output + EOS, prompt and output encoded separately.
-      const int64_t length =
-          2 + static_cast<int64_t>(tokenizer->Encode(formatter.Format(example), false).size()) +
-          static_cast<int64_t>(tokenizer->Encode(example.output, false).size());
-      summary.max_example_tokens = std::max(summary.max_example_tokens, length);
+      // The training sequence: BOS + prompt + output + EOS.
+      MEFT_ASSIGN_OR_RETURN(const TokenizedExample tokenized,
+                            TokenizeExample(example, formatter, *tokenizer, untruncated));
+      summary.max_example_tokens =
+          std::max(summary.max_example_tokens, static_cast<int64_t>(tokenized.input_ids.size()));
     }
   }
   if (summary.max_example_tokens > o.max_position_embeddings) {

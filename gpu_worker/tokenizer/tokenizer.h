@@ -1,22 +1,34 @@
 #pragma once
 
-// SentencePiece tokenizer of a LLaMA/Mistral model folder (its `tokenizer.model`), with the
-// special-token handling of Hugging Face's slow ("legacy") LlamaTokenizer:
+// The tokenizer of a Hugging Face model folder, with transformers' semantics:
 //
-//   Encode(text, add_bos, add_eos) = [bos if add_bos] + sp.Encode(text) + [eos if add_eos]
+//   tokenizer.json (preferred when present)  byte-level BPE (GPT-2, SmolLM2, Llama 3, Qwen) and
+//                                            Metaspace / byte-fallback BPE (Llama 2, Mistral),
+//                                            see hf_tokenizer.h;
+//   tokenizer.model                          SentencePiece, as transformers' slow ("legacy")
+//                                            LlamaTokenizer, see sentencepiece_tokenizer.h.
 //
-// The text is handed to SentencePiece as is. Unlike Hugging Face, literal special-token strings
-// inside the text ("<s>", "</s>") are not turned into special ids: they are ordinary text, so data
-// can never inject a BOS/EOS. SentencePiece's own normalisation (as stored in the model) applies;
-// LLaMA's model uses the identity normalisation with a dummy prefix "▁" before the text.
+// Which special tokens exist and which ids BOS, EOS and pad have come from tokenizer_config.json
+// (special_tokens_map.json, config.json) as transformers reads them.
+//
+// Special tokens and data. Encode turns special-token strings ("<|im_start|>", "<s>") into
+// their ids only inside the byte ranges the caller marks as trusted (a prompt template's own
+// text); everywhere else they are ordinary text. Instruction, input and output fields of the
+// data therefore can never inject a special token, while a chat template's markers are real
+// special tokens. Encode never adds BOS/EOS itself: prefix_ids()/suffix_ids() say what
+// transformers' add_special_tokens=True puts around a sequence, and the caller places them.
 //
 // No torch here: ids are int64_t to match the model's input tensors. Nothing here throws.
+// Thread-safety: immutable after Load except for set_pad_id; the const methods may be called
+// concurrently. Call set_pad_id before sharing the tokenizer between threads.
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -24,117 +36,94 @@
 
 namespace meft::worker {
 
-namespace spm_bridge {
-class Processor;
-}  // namespace spm_bridge
+// A byte range [begin, end) of a text.
+struct TextSpan {
+  size_t begin = 0;
+  size_t end = 0;
+};
 
-// Thread-safety: immutable after Load except for set_pad_id; the const methods may be called
-// concurrently. Call set_pad_id before sharing the tokenizer between threads.
 class Tokenizer {
  public:
-  // Loads `path`, which is either a SentencePiece model file or a model folder containing
-  // `tokenizer.model`. NOT_FOUND if the file is missing; INVALID_ARGUMENT if it is not a valid
-  // SentencePiece model or the model defines no BOS or no EOS piece. Messages name the file.
+  // Loads `path`: a model folder (its tokenizer.json when present, else its tokenizer.model,
+  // with tokenizer_config.json, special_tokens_map.json and config.json next to it where they
+  // exist), a tokenizer.json file (the same side files from its folder), or a SentencePiece
+  // model file. NOT_FOUND when there is no tokenizer; INVALID_ARGUMENT / UNIMPLEMENTED for a
+  // malformed or unsupported one, naming the file and, for JSON, the path inside it
+  // ("tokenizer.json: pre_tokenizer.pretokenizers[1].type: unsupported \"Whitespace\"").
   static absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const std::string& path);
 
-  // Same, from the bytes of a model file; `name` is used in error messages.
-  static absl::StatusOr<std::unique_ptr<Tokenizer>> LoadFromSerialized(std::string_view bytes,
-                                                                       const std::string& name);
-
+  virtual ~Tokenizer();
   Tokenizer(const Tokenizer&) = delete;
   Tokenizer& operator=(const Tokenizer&) = delete;
-  ~Tokenizer();
 
-  // Token ids of `text`: BOS first when `add_bos`, EOS last when `add_eos`. Every id lies in
-  // [0, vocab_size()). An empty text gives just the requested special tokens. Never fails for a
-  // loaded model: SentencePiece encodes any byte string, replacing malformed UTF-8 by U+FFFD;
-  // characters without a piece become byte pieces (byte fallback) or unk.
-  std::vector<int64_t> Encode(std::string_view text, bool add_bos = true,
-                              bool add_eos = false) const;
+  // Token ids of `text`, nothing added around them. Special-token strings are matched (turned
+  // into their ids) only where they lie wholly inside one of `special_spans` (byte ranges of
+  // `text`, in any order; ranges past the end are clipped); elsewhere they are encoded as
+  // ordinary text, as transformers does with split_special_tokens=True. Ill-formed UTF-8 is
+  // first replaced by U+FFFD. Every id lies in [0, vocab_size()). Fails only for resource
+  // exhaustion of the regular-expression engine on enormous inputs (RESOURCE_EXHAUSTED, naming
+  // the tokenizer file).
+  virtual absl::StatusOr<std::vector<int64_t>> Encode(
+      std::string_view text, std::span<const TextSpan> special_spans = {}) const = 0;
 
-  // Text of `ids`. With `skip_special_tokens` (Hugging Face's flag of the same name) the BOS,
-  // EOS, unk and pad ids are dropped before decoding, so generation output reads as plain text;
-  // other control pieces decode to nothing, as in SentencePiece. Without it, those four special
-  // ids appear as their literal pieces ("<s>", "</s>", "<unk>", ...) between the decoded runs of
-  // ordinary ids (no extra spaces inserted, a simplification of Hugging Face's legacy spacing).
-  // Ids outside [0, vocab_size()) are dropped: a model's embedding table may be larger than the
-  // tokenizer's vocabulary, and those rows carry no text. Byte-fallback pieces that do not form
-  // valid UTF-8 decode to U+FFFD, as in SentencePiece.
-  std::string Decode(std::span<const int64_t> ids, bool skip_special_tokens = true) const;
+  // Encode with special tokens matched anywhere in `text`: transformers'
+  // tokenizer(text, add_special_tokens=False). For trusted text only.
+  absl::StatusOr<std::vector<int64_t>> EncodeTrusted(std::string_view text) const;
 
+  // Text of `ids`, transformers' decode(ids, skip_special_tokens=...). With
+  // `skip_special_tokens` the special tokens (IsSpecial) are dropped first. Ids outside
+  // [0, vocab_size()) are dropped: a model's embedding table may be larger than the tokenizer's
+  // vocabulary, and those rows carry no text. Bytes that do not form UTF-8 decode to U+FFFD.
+  virtual std::string Decode(std::span<const int64_t> ids,
+                             bool skip_special_tokens = true) const = 0;
+
+  // What transformers' add_special_tokens=True puts before / after one sequence: [BOS] for
+  // Llama tokenizers (tokenizer_config.json add_bos_token, default true), nothing for GPT-2
+  // style ones such as SmolLM2's; otherwise what tokenizer.json's post_processor says.
+  const std::vector<int64_t>& prefix_ids() const { return prefix_ids_; }
+  const std::vector<int64_t>& suffix_ids() const { return suffix_ids_; }
+
+  // Special ids; -1 where the tokenizer has none. eos_id() always exists (Load requires it).
   int64_t bos_id() const { return bos_id_; }
   int64_t eos_id() const { return eos_id_; }
   int64_t unk_id() const { return unk_id_; }
 
-  // The id used to pad batches. Default: the model's own pad piece if it defines one, otherwise
-  // the unk id (0 for LLaMA, whose tokenizer.model has no pad piece); this is what Alpaca-style
-  // LLaMA fine-tuning (pad_token_id = 0) uses, and padded positions are masked out of attention
-  // and loss anyway. config.json's pad_token_id overrides it through set_pad_id.
+  // The id used to pad batches: the tokenizer's pad token if it has one, otherwise unk, otherwise
+  // eos (padded positions are masked out of attention and loss). config.json's pad_token_id
+  // overrides it through set_pad_id.
   int64_t pad_id() const { return pad_id_; }
 
   // Overrides the pad id. INVALID_ARGUMENT unless 0 <= id < vocab_size().
   absl::Status set_pad_id(int64_t id);
 
-  // Number of pieces in the model; valid ids are [0, vocab_size()).
+  // Valid ids are [0, vocab_size()).
   int64_t vocab_size() const { return vocab_size_; }
 
-  // The piece string of `id` ("▁the", "<0x0A>", "<s>"); empty for an id out of range.
-  std::string IdToPiece(int64_t id) const;
+  // The token string of `id` as the tokenizer stores it ("▁the", "Ġthe", "<0x0A>", "<s>"); empty
+  // for an id out of range or unused.
+  virtual std::string IdToPiece(int64_t id) const = 0;
 
-  // True for the ids Decode drops with skip_special_tokens: bos, eos, unk and pad.
-  bool IsSpecial(int64_t id) const;
+  // The id of the special token whose text is `content` ("<|im_start|>"), or -1 when `content`
+  // is not one of this tokenizer's special tokens.
+  virtual int64_t SpecialTokenId(std::string_view content) const = 0;
 
-  // The file the model was loaded from (or the `name` given to LoadFromSerialized).
+  // True for the ids Decode drops with skip_special_tokens.
+  virtual bool IsSpecial(int64_t id) const = 0;
+
+  // The file the tokenizer was loaded from.
   const std::string& source() const { return source_; }
 
- private:
-  Tokenizer(std::unique_ptr<spm_bridge::Processor> processor, std::string source);
+ protected:
+  explicit Tokenizer(std::string source) : source_(std::move(source)) {}
 
-  std::unique_ptr<spm_bridge::Processor> processor_;
   std::string source_;
   int64_t vocab_size_ = 0;
   int64_t bos_id_ = -1;
   int64_t eos_id_ = -1;
   int64_t unk_id_ = -1;
   int64_t pad_id_ = -1;
+  std::vector<int64_t> prefix_ids_;
+  std::vector<int64_t> suffix_ids_;
 };
-
-// How TrainTokenizer builds a model. The defaults give a LLaMA-like tokenizer: ids unk = 0
-// ("<unk>"), bos = 1 ("<s>"), eos = 2 ("</s>"), no pad piece (pad_id = -1, so Tokenizer pads
-// with unk as for LLaMA), identity normalisation, dummy prefix, digits split, byte fallback (every
-// byte string round-trips), whitespace-only pieces allowed.
-//
-// Determinism: the trainer is fed the sentences in order through an iterator (no input file, no
-// sampling: input_sentence_size = 0, shuffle_input_sentence = false), runs single-threaded
-// (num_threads = 1) with SentencePiece's random generator seeded with `seed`, and no file path or
-// model prefix is recorded in the model. Training twice on the same input therefore gives
-// byte-identical .model files.
-struct TokenizerTrainOptions {
-  // "bpe" (as LLaMA) or "unigram".
-  std::string model_type = "bpe";
-  // -1: no pad piece (LLaMA); otherwise the id of a "<pad>" piece, e.g. 3.
-  int pad_id = -1;
-  // Fraction of the corpus's characters that get their own piece; 1.0 keeps all of them (rare
-  // characters otherwise go through byte fallback).
-  double character_coverage = 1.0;
-  // Seed of SentencePiece's global random generator during training.
-  uint32_t seed = 20240101;
-  // Longest sentence, in bytes, the trainer reads; longer ones are skipped by SentencePiece.
-  int max_sentence_length = 16384;
-};
-
-// Trains a SentencePiece model of `vocab_size` pieces on `sentences` and writes it to
-// `<model_prefix>.model` (fsynced; no .vocab file). With byte fallback the vocabulary must have
-// room for the 3 special pieces and the 256 byte pieces plus the corpus's characters, and a small
-// corpus caps the number of merges: SentencePiece's messages ("Vocabulary size too high ... <=
-// N") come back as INVALID_ARGUMENT. SentencePiece's progress log is not shown. Not thread-safe
-// (SentencePiece's random seed is process-wide).
-absl::Status TrainTokenizer(const std::vector<std::string>& sentences,
-                            const std::string& model_prefix, int vocab_size,
-                            const TokenizerTrainOptions& options = {});
-
-// Same, with the sentences read from `corpus_path`, one per line (blank lines skipped).
-absl::Status TrainTokenizerFromFile(const std::string& corpus_path, const std::string& model_prefix,
-                                    int vocab_size, const TokenizerTrainOptions& options = {});
 
 }  // namespace meft::worker

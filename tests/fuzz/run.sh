@@ -11,7 +11,7 @@ src="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 build="${MEFT_BUILD_DIR:-build}/fuzz"
 seconds="${MEFT_FUZZ_SECONDS:-30}"
 jobs="${MEFT_FUZZ_JOBS:-2}"
-targets=(safetensors_fuzzer tensor_codec_fuzzer param_server_request_fuzzer)
+targets=(safetensors_fuzzer tensor_codec_fuzzer param_server_request_fuzzer tokenizer_fuzzer)
 
 mkdir -p "$build"
 build="$(cd "$build" && pwd)"

@@ -6,10 +6,14 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 #include <string>
 #include <vector>
 
+#include "common/io/file_util.h"
+#include "gpu_worker/tokenizer/sentencepiece_tokenizer.h"
 #include "gpu_worker/tokenizer/tokenizer.h"
 
 namespace meft::worker {
@@ -206,8 +210,8 @@ TEST_F(DatasetTest, CustomTemplates) {
 
 TEST_F(DatasetTest, LabelsMaskThePromptExactly) {
   const Example example = MakeExample("Capital of France?", "", "The capital is Paris.");
-  const std::vector<int64_t> prompt = tokenizer_->Encode(formatter_.Format(example), false, false);
-  const std::vector<int64_t> output = tokenizer_->Encode(example.output, false, false);
+  const std::vector<int64_t> prompt = *tokenizer_->Encode(formatter_.Format(example));
+  const std::vector<int64_t> output = *tokenizer_->Encode(example.output);
   auto tokenized = TokenizeExample(example, formatter_, *tokenizer_, TokenizeOptions{});
   ASSERT_TRUE(tokenized.ok()) << tokenized.status();
 
@@ -339,13 +343,12 @@ TEST_F(DatasetTest, LeftPaddedPromptsForGeneration) {
   const Example long_example = MakeExample("Capital of France?", "some input", "unused");
   bool truncated = true;
   std::vector<std::vector<int64_t>> prompts = {
-      TokenizePrompt(short_example, formatter_, *tokenizer_, 4096, &truncated),
-      TokenizePrompt(long_example, formatter_, *tokenizer_, 4096)};
+      *TokenizePrompt(short_example, formatter_, *tokenizer_, 4096, &truncated),
+      *TokenizePrompt(long_example, formatter_, *tokenizer_, 4096)};
   EXPECT_FALSE(truncated);
   std::vector<int64_t> expected = {tokenizer_->bos_id()};
-  for (int64_t id : tokenizer_->Encode(formatter_.Format(short_example), false)) {
-    expected.push_back(id);
-  }
+  const std::vector<int64_t> short_ids = *tokenizer_->Encode(formatter_.Format(short_example));
+  expected.insert(expected.end(), short_ids.begin(), short_ids.end());
   EXPECT_EQ(prompts[0], expected);
   ASSERT_LT(prompts[0].size(), prompts[1].size());
 
@@ -366,7 +369,7 @@ TEST_F(DatasetTest, LeftPaddedPromptsForGeneration) {
   EXPECT_EQ(Row(batch->attention_mask, 1), std::vector<int64_t>(t, 1));
 
   // A long prompt keeps BOS and its end.
-  std::vector<int64_t> cut = TokenizePrompt(long_example, formatter_, *tokenizer_, 6, &truncated);
+  std::vector<int64_t> cut = *TokenizePrompt(long_example, formatter_, *tokenizer_, 6, &truncated);
   EXPECT_TRUE(truncated);
   ASSERT_EQ(cut.size(), 6u);
   EXPECT_EQ(cut[0], tokenizer_->bos_id());
@@ -475,6 +478,89 @@ TEST(DataLoaderTest, DropLastAndNoShuffle) {
   EXPECT_FALSE(DataLoader::Create(NumberedExamples(3), 0, options).ok());
   options.micro_batch_size = 4;
   EXPECT_FALSE(DataLoader::Create(NumberedExamples(3), 0, options).ok());
+}
+
+TEST(PromptPresetTest, ChatmlShapes) {
+  auto chatml = PresetTemplate("chatml", "Be {brief}.");
+  ASSERT_TRUE(chatml.ok()) << chatml.status();
+  auto formatter = PromptFormatter::Create(*chatml);
+  ASSERT_TRUE(formatter.ok()) << formatter.status();
+  Example example;
+  example.instruction = "Add {x}";
+  example.input = "2 and 3";
+  const FormattedPrompt prompt = formatter->FormatWithSpans(example);
+  EXPECT_EQ(prompt.text,
+            "<|im_start|>system\nBe {brief}.<|im_end|>\n<|im_start|>user\nAdd {x}\n\n2 and "
+            "3<|im_end|>\n<|im_start|>assistant\n");
+  // The template's pieces are trusted; the instruction and input are not.
+  ASSERT_EQ(prompt.template_spans.size(), 3u);
+  EXPECT_EQ(prompt.text.substr(prompt.template_spans[1].begin,
+                               prompt.template_spans[1].end - prompt.template_spans[1].begin),
+            "\n\n");
+  example.input.clear();
+  EXPECT_EQ(formatter->Format(example),
+            "<|im_start|>system\nBe {brief}.<|im_end|>\n<|im_start|>user\nAdd "
+            "{x}<|im_end|>\n<|im_start|>assistant\n");
+  auto plain = PresetTemplate("chatml", "");
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(PromptFormatter::Create(*plain)->Format(example),
+            "<|im_start|>user\nAdd {x}<|im_end|>\n<|im_start|>assistant\n");
+  EXPECT_EQ(PresetTemplate("alpaca")->with_input, kAlpacaPromptWithInput);
+  EXPECT_EQ(PresetTemplate("vicuna").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// chatml prompts and training sequences against transformers' apply_chat_template with
+// SmolLM2-Instruct's template (default system message) and a plain ChatML template, on the
+// byte-level fixture (tests/golden/make_tokenizer_golden.py).
+TEST(ChatmlGoldenTest, MatchesApplyChatTemplate) {
+  const std::string dir = std::string(MEFT_GOLDEN_DIR) + "/transformers/tokenizers_tiny/bytelevel";
+  const std::string path = dir + "/chatml.json";
+  ASSERT_TRUE(io::PathExists(path)) << "golden file " << path << " is missing";
+  auto tokenizer = Tokenizer::Load(dir);
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  const Tokenizer& t = **tokenizer;
+  std::ifstream in(path);
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  const nlohmann::json golden = nlohmann::json::parse(buffer.str());
+  EXPECT_EQ(golden["system_prompt"].get<std::string>(), kSmolLM2SystemPrompt);
+  ASSERT_GE(golden["cases"].size(), 4u);
+  int injected = 0;
+  for (const nlohmann::json& c : golden["cases"]) {
+    const bool smollm2 = c["template"] == "smollm2";
+    auto tmpl = PresetTemplate("chatml", smollm2 ? kSmolLM2SystemPrompt : "");
+    ASSERT_TRUE(tmpl.ok());
+    auto formatter = PromptFormatter::Create(*tmpl);
+    ASSERT_TRUE(formatter.ok());
+    Example example;
+    example.instruction = c["instruction"];
+    example.input = c["input"];
+    example.output = c["output"];
+    EXPECT_EQ(formatter->Format(example), c["prompt"].get<std::string>());
+    auto prompt = TokenizePrompt(example, *formatter, t, 4096);
+    ASSERT_TRUE(prompt.ok()) << prompt.status();
+    TokenizeOptions options;
+    options.max_length = 4096;
+    auto tokenized = TokenizeExample(example, *formatter, t, options);
+    ASSERT_TRUE(tokenized.ok()) << tokenized.status();
+    EXPECT_EQ(tokenized->input_ids.back(), t.eos_id());  // <|im_end|> ends the answer
+    EXPECT_EQ(tokenized->prompt_length, static_cast<int64_t>(prompt->size()));
+    if (!c["data_has_special_strings"].get<bool>()) {
+      EXPECT_EQ(*prompt, c["prompt_ids"].get<std::vector<int64_t>>()) << c["instruction"];
+      EXPECT_EQ(tokenized->input_ids, c["train_ids"].get<std::vector<int64_t>>())
+          << c["instruction"];
+      continue;
+    }
+    // transformers turns "<|im_end|>" inside the user's text into the special token; meft keeps
+    // data as text: only the template's markers are special, and the text survives intact.
+    ++injected;
+    EXPECT_NE(*prompt, c["prompt_ids"].get<std::vector<int64_t>>());
+    int specials = 0;
+    for (const int64_t id : *prompt) specials += t.IsSpecial(id);
+    EXPECT_EQ(specials, smollm2 ? 5 : 3) << c["instruction"];
+    EXPECT_EQ(t.Decode(*prompt, /*skip_special_tokens=*/false), c["prompt"].get<std::string>());
+  }
+  EXPECT_GT(injected, 0);
 }
 
 }  // namespace

@@ -28,6 +28,7 @@
 #include "gpu_worker/model/adapter_hooks.h"
 #include "gpu_worker/model/llama.h"
 #include "gpu_worker/model/model_config.h"
+#include "gpu_worker/tokenizer/sentencepiece_tokenizer.h"
 #include "gpu_worker/tokenizer/tokenizer.h"
 #include "nlohmann/json.hpp"
 
@@ -558,7 +559,7 @@ Tokenizer* EvaluateTest::tokenizer_ = nullptr;
 
 TEST_F(EvaluateTest, WritesPredictionsAndMetrics) {
   // The model answers "cat dog" to every prompt, then EOS.
-  std::vector<int64_t> forced = tokenizer_->Encode("cat dog", /*add_bos=*/false);
+  std::vector<int64_t> forced = *tokenizer_->Encode("cat dog");
   const std::string answer = tokenizer_->Decode(forced);
   ASSERT_EQ(answer, "cat dog");
   forced.push_back(tokenizer_->eos_id());

@@ -235,7 +235,7 @@ TEST_F(MakeFactsTest, AnswersAreFewTokensAndPromptsFit) {
   size_t max_tokens = 0;
   const std::vector<Example> eval = Load("eval.jsonl");
   for (const Example& e : eval) {
-    const std::vector<int64_t> ids = (*tokenizer)->Encode(e.output, false, false);
+    const std::vector<int64_t> ids = *(*tokenizer)->Encode(e.output);
     total += static_cast<int64_t>(ids.size());
     max_tokens = std::max(max_tokens, ids.size());
     EXPECT_EQ((*tokenizer)->Decode(ids), e.output);
@@ -248,7 +248,8 @@ TEST_F(MakeFactsTest, AnswersAreFewTokensAndPromptsFit) {
   auto formatter = PromptFormatter::Create();
   ASSERT_TRUE(formatter.ok());
   for (const Example& e : eval) {
-    for (const int64_t id : (*tokenizer)->Encode(formatter->Format(e), true)) {
+    const std::vector<int64_t> ids = *(*tokenizer)->Encode(formatter->Format(e));
+    for (const int64_t id : ids) {
       EXPECT_NE(id, (*tokenizer)->unk_id());
       const std::string piece = (*tokenizer)->IdToPiece(id);
       if (piece.rfind("<0x", 0) == 0) {
@@ -290,7 +291,7 @@ TEST_F(MakeFactsTest, ModelLoadsAndGivesFiniteLogits) {
   ASSERT_TRUE(formatter.ok());
   const std::vector<Example> eval = Load("eval.jsonl");
   ASSERT_FALSE(eval.empty());
-  std::vector<int64_t> ids = TokenizePrompt(eval.front(), *formatter, **tokenizer, 256);
+  std::vector<int64_t> ids = *TokenizePrompt(eval.front(), *formatter, **tokenizer, 256);
   const torch::Tensor input =
       torch::tensor(ids, torch::kInt64).reshape({1, static_cast<int64_t>(ids.size())});
   torch::NoGradGuard no_grad;

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "gpu_worker/tokenizer/sentencepiece_tokenizer.h"
+
 namespace meft::worker {
 namespace {
 
@@ -61,6 +63,14 @@ std::string ReadAll(const std::string& path) {
 void WriteAll(const std::string& path, const std::string& content) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << content;
+}
+
+// Encode that must succeed (SentencePiece never fails).
+std::vector<int64_t> Ids(const Tokenizer& t, std::string_view text,
+                         std::span<const TextSpan> spans = {}) {
+  absl::StatusOr<std::vector<int64_t>> ids = t.Encode(text, spans);
+  EXPECT_TRUE(ids.ok()) << ids.status();
+  return ids.ok() ? *ids : std::vector<int64_t>{};
 }
 
 constexpr int kVocabSize = 340;
@@ -131,24 +141,26 @@ TEST_F(TokenizerTest, RoundTrips) {
       "",
   };
   for (const std::string& text : texts) {
-    const std::vector<int64_t> ids = tokenizer_->Encode(text, /*add_bos=*/false);
+    std::vector<int64_t> ids = Ids(*tokenizer_, text);
     for (const int64_t id : ids) {
       EXPECT_GE(id, 0);
       EXPECT_LT(id, kVocabSize);
       EXPECT_NE(id, tokenizer_->unk_id()) << text;
     }
     EXPECT_EQ(tokenizer_->Decode(ids), text);
-    EXPECT_EQ(tokenizer_->Decode(tokenizer_->Encode(text, true, true)), text);
+    ids.insert(ids.begin(), tokenizer_->bos_id());
+    ids.push_back(tokenizer_->eos_id());
+    EXPECT_EQ(tokenizer_->Decode(ids), text);
   }
 }
 
 TEST_F(TokenizerTest, MalformedUtf8BecomesReplacementCharacter) {
   const std::string malformed = std::string("a\xff") + "b";
-  EXPECT_EQ(tokenizer_->Decode(tokenizer_->Encode(malformed)), std::string("a\xEF\xBF\xBD") + "b");
+  EXPECT_EQ(tokenizer_->Decode(Ids(*tokenizer_, malformed)), std::string("a\xEF\xBF\xBD") + "b");
 }
 
 TEST_F(TokenizerTest, UnseenCharactersUseByteFallback) {
-  const std::vector<int64_t> ids = tokenizer_->Encode("Ω", /*add_bos=*/false);
+  const std::vector<int64_t> ids = Ids(*tokenizer_, "Ω");
   std::vector<std::string> pieces;
   for (const int64_t id : ids) pieces.push_back(tokenizer_->IdToPiece(id));
   EXPECT_THAT(pieces, testing::Contains("<0xCE>"));
@@ -159,31 +171,61 @@ TEST_F(TokenizerTest, UnseenCharactersUseByteFallback) {
   EXPECT_EQ(tokenizer_->Decode(std::vector<int64_t>{lead_byte}), "\xEF\xBF\xBD");
 }
 
-TEST_F(TokenizerTest, BosAndEosPlacement) {
+TEST_F(TokenizerTest, PrefixIsBosAndSpecialStringsAreTextOutsideTrustedSpans) {
+  // No tokenizer_config.json: LlamaTokenizer's add_bos_token = true, add_eos_token = false.
+  EXPECT_EQ(tokenizer_->prefix_ids(), (std::vector<int64_t>{1}));
+  EXPECT_TRUE(tokenizer_->suffix_ids().empty());
   const std::string text = "The capital of France is Paris.";
-  const std::vector<int64_t> plain = tokenizer_->Encode(text, false, false);
+  const std::vector<int64_t> plain = Ids(*tokenizer_, text);
   ASSERT_FALSE(plain.empty());
   for (const int64_t id : plain) {
     EXPECT_NE(id, 1);
     EXPECT_NE(id, 2);
   }
+  EXPECT_TRUE(Ids(*tokenizer_, "").empty());
+  // Literal special-token text is ordinary text unless it lies in a trusted span.
+  const std::string with_specials = "<s>Paris</s>";
+  for (const int64_t id : Ids(*tokenizer_, with_specials)) EXPECT_FALSE(tokenizer_->IsSpecial(id));
+  const std::vector<int64_t> trusted = *tokenizer_->EncodeTrusted(with_specials);
   std::vector<int64_t> expected = {1};
-  expected.insert(expected.end(), plain.begin(), plain.end());
-  EXPECT_EQ(tokenizer_->Encode(text), expected);  // default: BOS only
+  for (const int64_t id : Ids(*tokenizer_, "Paris")) expected.push_back(id);
   expected.push_back(2);
-  EXPECT_EQ(tokenizer_->Encode(text, true, true), expected);
-  std::vector<int64_t> eos_only = plain;
-  eos_only.push_back(2);
-  EXPECT_EQ(tokenizer_->Encode(text, false, true), eos_only);
-  EXPECT_EQ(tokenizer_->Encode("", true, true), (std::vector<int64_t>{1, 2}));
-  // Literal special-token text is ordinary text.
-  for (const int64_t id : tokenizer_->Encode("<s></s>", false, false)) {
+  EXPECT_EQ(trusted, expected);
+  // Only "<s>" is trusted: "</s>" stays text.
+  const TextSpan first[] = {{0, 3}};
+  const std::vector<int64_t> partly = Ids(*tokenizer_, with_specials, first);
+  ASSERT_FALSE(partly.empty());
+  EXPECT_EQ(partly.front(), 1);
+  EXPECT_NE(partly.back(), 2);
+  // A span that covers only part of the special string does not make it special.
+  const TextSpan cut[] = {{0, 2}};
+  for (const int64_t id : Ids(*tokenizer_, with_specials, cut)) {
     EXPECT_FALSE(tokenizer_->IsSpecial(id));
   }
+  EXPECT_EQ(tokenizer_->SpecialTokenId("</s>"), 2);
+  EXPECT_EQ(tokenizer_->SpecialTokenId("Paris"), -1);
+}
+
+TEST(TokenizerConfigTest, SentencePieceReadsAddBosAndAddEos) {
+  const std::string dir = MakeTempDir();
+  ASSERT_TRUE(TrainTokenizer(Corpus(), dir + "/tokenizer", kVocabSize).ok());
+  WriteAll(dir + "/tokenizer_config.json", R"({"add_bos_token": false, "add_eos_token": true})");
+  auto tokenizer = Tokenizer::Load(dir);
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  EXPECT_TRUE((*tokenizer)->prefix_ids().empty());
+  EXPECT_EQ((*tokenizer)->suffix_ids(), (std::vector<int64_t>{2}));
+
+  WriteAll(dir + "/tokenizer_config.json", R"({"add_bos_token": "yes"})");
+  auto bad = Tokenizer::Load(dir);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(std::string(bad.status().message()),
+              HasSubstr(dir + "/tokenizer_config.json: add_bos_token: expected true or false"));
 }
 
 TEST_F(TokenizerTest, DecodeSkipsOrShowsSpecialTokens) {
-  std::vector<int64_t> ids = tokenizer_->Encode("Paris", true, true);
+  std::vector<int64_t> ids = Ids(*tokenizer_, "Paris");
+  ids.insert(ids.begin(), tokenizer_->bos_id());
+  ids.push_back(tokenizer_->eos_id());
   ids.insert(ids.begin() + 1, tokenizer_->unk_id());
   ids.push_back(tokenizer_->pad_id());
   ids.push_back(-5);          // dropped
@@ -208,8 +250,10 @@ TEST(TokenizerPadTest, PadPieceAndOverride) {
   Tokenizer& t = **tokenizer;
   EXPECT_EQ(t.pad_id(), 3);
   EXPECT_EQ(t.IdToPiece(3), "<pad>");
-  EXPECT_EQ(t.Decode(t.Encode("France", true, true)), "France");
-  std::vector<int64_t> padded = t.Encode("France", true, true);
+  std::vector<int64_t> padded = Ids(t, "France");
+  EXPECT_EQ(t.Decode(padded), "France");
+  padded.insert(padded.begin(), t.bos_id());
+  padded.push_back(t.eos_id());
   padded.push_back(3);
   EXPECT_EQ(t.Decode(padded, false), "<s>France</s><pad>");
 
@@ -227,6 +271,7 @@ TEST(TokenizerLoadTest, MissingFileIsNamed) {
   ASSERT_FALSE(from_dir.ok());
   EXPECT_EQ(from_dir.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(std::string(from_dir.status().message()), HasSubstr(dir + "/tokenizer.model"));
+  EXPECT_THAT(std::string(from_dir.status().message()), HasSubstr(dir + "/tokenizer.json"));
 
   auto from_file = Tokenizer::Load(dir + "/nope.model");
   ASSERT_FALSE(from_file.ok());
