@@ -179,25 +179,17 @@ int Run(int argc, char** argv) {
               at::get_num_threads(), std::string(kernels::Best().name).c_str(),
               std::thread::hardware_concurrency());
 
-  // Fresh stores, one per (layer, r): what the first lookups of training select from.
-  std::map<std::pair<int64_t, int64_t>, store::LayerStore> stores;
-  for (int64_t l = 0; l < mc.num_hidden_layers; ++l) {
-    for (int64_t r : rows) {
-      store::InitOptions init;
-      init.seed = store_seed;
-      auto store = store::LayerStore::Create(static_cast<uint32_t>(l), r, d,
-                                               store::DefaultExperts(r), init);
-      if (!store.ok()) {
-        std::fprintf(stderr, "error: store r=%lld: %s\n", static_cast<long long>(r),
-                     std::string(store.status().message()).c_str());
-        return 1;
-      }
-      stores.emplace(std::make_pair(l, r), std::move(*store));
-    }
-  }
-
   const std::map<std::string, torch::Tensor> weights = s.model->NamedParameters();
   std::vector<LayerStats> stats(mc.num_hidden_layers);
+  // Per layer, every micro-batch's FFN inputs [B*T, d] with their real-token mask: the selection
+  // runs after the forward passes, one layer at a time, so that only one layer's fresh store
+  // (about 16 bytes per adapter parameter) exists at once.
+  struct Lookup {
+    torch::Tensor x;
+    torch::Tensor mask;
+    int64_t real_tokens = 0;
+  };
+  std::vector<std::vector<Lookup>> captured(mc.num_hidden_layers);
   torch::NoGradGuard no_grad;
   const int64_t n = static_cast<int64_t>(tokenized->examples.size());
   for (int64_t begin = 0; begin < n; begin += config.micro_batch_size) {
@@ -223,17 +215,37 @@ int Run(int argc, char** argv) {
       const torch::Tensor up = weights.at(p + "up_proj.weight").to(torch::kCPU, torch::kFloat32);
       const torch::Tensor h = torch::silu(real.matmul(gate.t())) * real.matmul(up.t());
       AddActivations(h, &stats[l]);
-      for (int64_t r : rows) {
-        const routing::Selection sel = routing::Select(
-            stores.at({l, r}), flat.data_ptr<float>(), flat.size(0), mask_bytes.data_ptr<uint8_t>(),
-            {.n_probe = kNProbe, .top_k = kTopK, .gated = true}, kernels::Best());
-        const double size = static_cast<double>(sel.rows.size());
-        stats[l].rows[r].push_back(size);
-        stats[l].betas[r].push_back(size / static_cast<double>(real.size(0) * kTopK));
-      }
+      captured[l].push_back({flat, mask_bytes, real.size(0)});
     }
     std::fprintf(stderr, "\r%lld/%lld examples", static_cast<long long>(indices.back() + 1),
                  static_cast<long long>(n));
+  }
+  std::fprintf(stderr, "\n");
+
+  // |S| of each micro-batch's lookup against a fresh store: what the first steps of training
+  // select from.
+  for (int64_t l = 0; l < mc.num_hidden_layers; ++l) {
+    for (int64_t r : rows) {
+      store::InitOptions init;
+      init.seed = store_seed;
+      auto store = store::LayerStore::Create(static_cast<uint32_t>(l), r, d,
+                                             store::DefaultExperts(r), init);
+      if (!store.ok()) {
+        std::fprintf(stderr, "error: store r=%lld: %s\n", static_cast<long long>(r),
+                     std::string(store.status().message()).c_str());
+        return 1;
+      }
+      for (const Lookup& lookup : captured[l]) {
+        const routing::Selection sel = routing::Select(
+            *store, lookup.x.data_ptr<float>(), lookup.x.size(0), lookup.mask.data_ptr<uint8_t>(),
+            {.n_probe = kNProbe, .top_k = kTopK, .gated = true}, kernels::Best());
+        const double size = static_cast<double>(sel.rows.size());
+        stats[l].rows[r].push_back(size);
+        stats[l].betas[r].push_back(size / static_cast<double>(lookup.real_tokens * kTopK));
+      }
+    }
+    std::fprintf(stderr, "\rselection: layer %lld/%lld", static_cast<long long>(l + 1),
+                 static_cast<long long>(mc.num_hidden_layers));
   }
   std::fprintf(stderr, "\n");
 
