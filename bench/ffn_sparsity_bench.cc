@@ -17,8 +17,11 @@
 //     each --rows value, with top_k 64 and n_probe 8. A fresh store is what the first steps of
 //     training select from; the mean |S| and |S| / (tokens x top_k), the paper's beta, are shown.
 //
+// --random-weights runs the same architecture with random N(0, 0.02) weights instead, the control
+// that shows what training did to the activations.
+//
 //   build/bench/meft_ffn_sparsity_bench --model-dir DIR --data-train FILE [--config run.yaml]
-//       [--examples 64] [--rows 4096,16384] [--json out.json]
+//       [--examples 64] [--rows 4096,16384] [--json out.json] [--random-weights]
 
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
@@ -43,6 +46,8 @@
 #include "gpu_worker/app/worker_config.h"
 #include "gpu_worker/data/dataset.h"
 #include "gpu_worker/model/adapter_hooks.h"
+#include "gpu_worker/model/llama.h"
+#include "gpu_worker/model/random_weights.h"
 #include "nlohmann/json.hpp"
 #include "param_server/kernels/dot.h"
 #include "param_server/routing/selector.h"
@@ -117,6 +122,10 @@ int Run(int argc, char** argv) {
   app.add_option("--rows", rows_list, "comma-separated adapter sizes r for |S| / r");
   app.add_option("--store-seed", store_seed, "seed of the fresh adapter stores");
   app.add_option("--json", json_path, "also write the results to this JSON file");
+  bool random_weights = false;
+  app.add_flag("--random-weights", random_weights,
+               "control: the same architecture with random N(0, 0.02) weights (seeded by "
+               "--store-seed) instead of the trained ones");
   fields.BindCli(app);
   try {
     app.parse(argc, argv);
@@ -155,6 +164,16 @@ int Run(int argc, char** argv) {
     return 1;
   }
   worker::WorkerSession& s = **session;
+  if (random_weights) {
+    const worker::ModelConfig shape = s.model->config();
+    auto model = worker::LlamaModel::FromWeights(
+        shape, worker::RandomLlamaWeights(shape, store_seed), s.model->device(), s.model->dtype());
+    if (!model.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(model.status().message()).c_str());
+      return 1;
+    }
+    s.model = std::move(*model);
+  }
   auto examples = worker::LoadJsonl(config.train_file);
   if (!examples.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(examples.status().message()).c_str());
@@ -170,8 +189,9 @@ int Run(int argc, char** argv) {
 
   const worker::ModelConfig& mc = s.model->config();
   const int64_t d = mc.hidden_size;
-  std::printf("model: %s (%lld layers, d=%lld, FFN %lld, %s); %zu examples of %s, micro-batch %lld\n",
-              config.model_dir.c_str(), static_cast<long long>(mc.num_hidden_layers),
+  std::printf("model: %s%s (%lld layers, d=%lld, FFN %lld, %s); %zu examples of %s, micro-batch %lld\n",
+              config.model_dir.c_str(), random_weights ? ", random weights instead of its own" : "",
+              static_cast<long long>(mc.num_hidden_layers),
               static_cast<long long>(d), static_cast<long long>(mc.intermediate_size),
               s.model->device().str().c_str(), tokenized->examples.size(),
               config.train_file.c_str(), static_cast<long long>(config.micro_batch_size));
@@ -269,6 +289,7 @@ int Run(int argc, char** argv) {
   std::printf("\n%s\n%s\n", header.c_str(), rule.c_str());
   nlohmann::json out;
   out["model_dir"] = config.model_dir;
+  out["random_weights"] = random_weights;
   out["data"] = config.train_file;
   out["examples"] = n;
   out["micro_batch_size"] = config.micro_batch_size;
