@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Builds meft and runs every test: installs missing Debian packages, configures, builds (tests
-# and benchmarks), and runs ctest. Exits non-zero on any failure. Warnings are errors when CI is
-# set. Build folder: $MEFT_BUILD_DIR, default build/.
+# and benchmarks), and runs ctest; then the CUDA build (scripts/build-cuda.sh: the whole tree
+# again against PyPI's CUDA LibTorch, compile and link only), the device kit from it
+# (scripts/gpu-kit.sh) and the kit's dry run on the CPU at the tiny shape, so the kit cannot rot
+# between GPU loans. Exits non-zero on any failure. Warnings are errors when CI is set (the CUDA
+# build always). Build folders: $MEFT_BUILD_DIR (default build/), $MEFT_CUDA_BUILD_DIR (default
+# build-cuda/). MEFT_SKIP_CUDA=1 leaves out the CUDA part (for local runs; CI runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,10 +15,28 @@ build=${MEFT_BUILD_DIR:-build}
 jobs=$(nproc)
 werror=OFF
 if [ -n "${CI:-}" ]; then werror=ON; fi
+phase_start=$SECONDS
+phase() {
+  echo "== $1 (after $((SECONDS - phase_start)) s)"
+}
 
-echo "== configure ($build, warnings as errors: $werror)"
+phase "configure ($build, warnings as errors: $werror)"
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMEFT_WERROR="$werror"
-echo "== build"
+phase "build"
 cmake --build "$build" -j"$jobs"
-echo "== test"
+phase "test"
 ctest --test-dir "$build" --output-on-failure -j"$jobs" --timeout 600
+
+if [ "${MEFT_SKIP_CUDA:-0}" = 1 ]; then
+  phase "CUDA build, device kit and its dry run skipped (MEFT_SKIP_CUDA=1)"
+  exit 0
+fi
+cuda_build=${MEFT_CUDA_BUILD_DIR:-build-cuda}
+phase "CUDA build and device kit"
+kit=${MEFT_KIT_DIR:-gpu-kit}
+bash scripts/gpu-kit.sh
+phase "device kit dry run ($kit/run.sh --dry-run)"
+# The venv's torch stands in for the GPU machine's python3 torch.
+MEFT_KIT_PYTHON="$(bash scripts/python-env.sh | tail -1)/bin/python" \
+  bash "$kit/run.sh" --dry-run "$cuda_build/kit-dry-run"
+phase "done"
