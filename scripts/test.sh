@@ -3,8 +3,13 @@
 # environment (scripts/python-env.sh), fetches and converts the real SmolLM2-135M model
 # (scripts/fetch-model.sh; both cached under ~/.cache/meft, instant when up to date), configures
 # with both paths (CMake cache variables MEFT_VENV and MEFT_SMOLLM2_DIR, which the tests receive
-# as environment variables), builds (tests and benchmarks), and runs ctest. Exits non-zero on any
-# failure. Warnings are errors when CI is set. Build folder: $MEFT_BUILD_DIR, default build/.
+# as environment variables), builds (tests and benchmarks), and runs ctest; then the CUDA build
+# (scripts/build-cuda.sh: the whole tree again against PyPI's CUDA LibTorch, compile and link
+# only), the device kit from it (scripts/gpu-kit.sh) and the kit's dry run on the CPU at the tiny
+# shape, so the kit cannot rot between GPU loans. Exits non-zero on any failure. Warnings are
+# errors when CI is set (the CUDA build always). Build folders: $MEFT_BUILD_DIR (default build/),
+# $MEFT_CUDA_BUILD_DIR (default build-cuda/). MEFT_SKIP_CUDA=1 leaves out the CUDA part (for
+# local runs; CI runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,16 +19,34 @@ build=${MEFT_BUILD_DIR:-build}
 jobs=$(nproc)
 werror=OFF
 if [ -n "${CI:-}" ]; then werror=ON; fi
+phase_start=$SECONDS
+phase() {
+  echo "== $1 (after $((SECONDS - phase_start)) s)"
+}
 
-echo "== python environment and models"
+phase "python environment and models"
 venv=$(bash scripts/python-env.sh | tail -1)
 smollm2=$(bash scripts/fetch-model.sh smollm2-135m | tail -1)
 echo "venv: $venv; smollm2-135m: $smollm2"
 
-echo "== configure ($build, warnings as errors: $werror)"
+phase "configure ($build, warnings as errors: $werror)"
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMEFT_WERROR="$werror" \
   -DMEFT_VENV="$venv" -DMEFT_SMOLLM2_DIR="$smollm2"
-echo "== build"
+phase "build"
 cmake --build "$build" -j"$jobs"
-echo "== test"
+phase "test"
 ctest --test-dir "$build" --output-on-failure -j"$jobs" --timeout 600
+
+if [ "${MEFT_SKIP_CUDA:-0}" = 1 ]; then
+  phase "CUDA build, device kit and its dry run skipped (MEFT_SKIP_CUDA=1)"
+  exit 0
+fi
+cuda_build=${MEFT_CUDA_BUILD_DIR:-build-cuda}
+phase "CUDA build and device kit"
+kit=${MEFT_KIT_DIR:-gpu-kit}
+bash scripts/gpu-kit.sh
+phase "device kit dry run ($kit/run.sh --dry-run)"
+# The venv's torch stands in for the GPU machine's python3 torch.
+MEFT_KIT_PYTHON="$venv/bin/python" \
+  bash "$kit/run.sh" --dry-run "$cuda_build/kit-dry-run"
+phase "done"
