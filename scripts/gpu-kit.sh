@@ -8,10 +8,12 @@
 #   tests/               every test program of the CUDA build that has CUDA tests (a test whose
 #                        suite or name contains "Cuda")
 #   golden/              the tests' reference data (tests/golden/ without its generators)
-#   lib/                 libmeft_spm_shim.so, and the shared libraries those programs need that
-#                        are neither glibc, libstdc++, libgcc nor LibTorch and its nvidia wheels
-#                        (gRPC, protobuf, abseil, oneTBB, prometheus-cpp, yaml-cpp, spdlog, ...:
-#                        the GPU machine has no Debian -dev packages)
+#   lib/                 libmeft_spm_shim.so (the worker looks for it next to bin/)
+#   debian-libs.tar.xz   the shared libraries those programs need that are neither glibc,
+#                        libstdc++, libgcc nor LibTorch and its nvidia wheels (gRPC, protobuf,
+#                        abseil, oneTBB, prometheus-cpp, yaml-cpp, spdlog, ICU, PCRE2, ...: the GPU
+#                        machine has no Debian -dev packages), xz-compressed because ICU's data
+#                        alone is 30 MB; run.sh unpacks them into a temporary folder
 #   kit.env              commit, torch version, CUDA architecture, whether the tree has the bench
 #   MANIFEST             every file with its size
 #
@@ -118,6 +120,12 @@ for f in "$kit"/bin/* "$kit"/tests/* "$kit"/lib/libmeft_spm_shim.so; do
   done <<<"$deps"
 done
 
+# The Debian libraries travel compressed (about 55 MB -> 15 MB); the SentencePiece module stays in
+# lib/, where the worker looks for it.
+(cd "$kit/lib" && XZ_OPT=-6 tar --owner=0 --group=0 --exclude=libmeft_spm_shim.so -cJf \
+  ../debian-libs.tar.xz .) || die "packing the Debian libraries failed"
+find "$kit/lib" -type f ! -name libmeft_spm_shim.so -delete
+
 # The tests' reference data (tests/golden/ without its generators); run.sh points the test
 # programs at it with MEFT_GOLDEN_DIR, since the build's source path does not exist there.
 mkdir -p "$kit/golden"
@@ -138,6 +146,6 @@ if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then com
 
 bytes=$(du -sb "$kit" | cut -f1)
 mib=$(((bytes + 1048575) / 1048576))
-echo "gpu-kit: $(wc -l <"$kit/MANIFEST") files, ${mib} MiB (limit ${limit_mib} MiB): $(ls "$kit/bin" | tr '\n' ' ')| tests: $(ls "$kit/tests" | tr '\n' ' ')| $(ls "$kit/lib" | wc -l) libraries"
+echo "gpu-kit: $(wc -l <"$kit/MANIFEST") files, ${mib} MiB (limit ${limit_mib} MiB): $(ls "$kit/bin" | tr '\n' ' ')| tests: $(ls "$kit/tests" | tr '\n' ' ')| $(tar -tJf "$kit/debian-libs.tar.xz" | grep -c '\.so') Debian libraries"
 [ "$mib" -le "$limit_mib" ] || die "the kit is ${mib} MiB, over ${limit_mib} MiB"
 echo "$kit"

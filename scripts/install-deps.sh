@@ -5,8 +5,8 @@
 set -euo pipefail
 
 packages=(
-  # toolchain
-  build-essential cmake pkgconf
+  # toolchain (ccache: both builds use it when present, so repeated test runs recompile little)
+  build-essential cmake pkgconf ccache
   # RPC and wire format
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   # parallelism, metrics, config, logging, CLI

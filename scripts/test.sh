@@ -30,7 +30,9 @@ smollm2=$(bash scripts/fetch-model.sh smollm2-135m | tail -1)
 echo "venv: $venv; smollm2-135m: $smollm2"
 
 phase "configure ($build, warnings as errors: $werror)"
-cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMEFT_WERROR="$werror" \
+launcher=()
+if command -v ccache >/dev/null; then launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache); fi
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMEFT_WERROR="$werror" "${launcher[@]}" \
   -DMEFT_VENV="$venv" -DMEFT_SMOLLM2_DIR="$smollm2"
 phase "build"
 cmake --build "$build" -j"$jobs"

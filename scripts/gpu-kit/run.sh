@@ -12,7 +12,8 @@
 #
 # LibTorch is not in the kit: the lib/ folder of python3's torch (and the nvidia wheels' lib/
 # folders beside it) is put on LD_LIBRARY_PATH for the kit's programs only, with the kit's lib/
-# (Debian libraries the machine lacks, the SentencePiece module) in front.
+# (the SentencePiece module) and the Debian libraries the machine lacks (debian-libs.tar.xz,
+# unpacked into a temporary folder) in front.
 #
 # Time: everything within MEFT_KIT_BUDGET_S (default 470 s, under the 8-minute loan); each step
 # is cut by `timeout` at its own cap or at what is left, whichever is first.
@@ -85,7 +86,25 @@ if [ "${torch_version%%+*}" != "${kit_torch%%+*}" ] || [ -z "$torch_cuda" ]; the
   finish
   exit 2
 fi
-libpath="$kit/lib:$torch_dir/lib"
+# The Debian libraries, unpacked with python3 (its tarfile reads xz everywhere) into a temporary
+# folder that is removed at exit, so they never land in OUTDIR.
+libdir=$(mktemp -d "${TMPDIR:-/tmp}/meft-kit-lib.XXXXXX") || exit 2
+trap 'rm -rf "$libdir"' EXIT
+if ! unpacked=$("$python" - "$kit/debian-libs.tar.xz" "$libdir" 2>&1 <<'PY'
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as tar:
+    try:
+        tar.extractall(sys.argv[2], filter="data")
+    except TypeError:  # a python3 without extraction filters
+        tar.extractall(sys.argv[2])
+PY
+); then
+  say "setup: cannot unpack $kit/debian-libs.tar.xz: $unpacked"
+  record setup failed $(($(date +%s) - start)) "debian-libs.tar.xz did not unpack"
+  finish
+  exit 2
+fi
+libpath="$kit/lib:$libdir:$torch_dir/lib"
 for d in "$(dirname "$torch_dir")"/nvidia/*/lib; do
   [ -d "$d" ] && libpath+=":$d"
 done
@@ -94,7 +113,7 @@ libpath+="${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 kenv() { env LD_LIBRARY_PATH="$libpath" "$@"; }
 
 if command -v ldd >/dev/null; then
-  missing=$(for f in "$kit"/bin/* "$kit"/tests/* "$kit"/lib/*.so*; do
+  missing=$(for f in "$kit"/bin/* "$kit"/tests/* "$kit"/lib/*.so* "$libdir"/*.so*; do
     # "libx.so => not found", or a glibc/libstdc++ older than the build machine's ("version
     # `GLIBCXX_3.4.30' not found").
     kenv ldd "$f" 2>&1 | grep 'not found' | sed "s|^[[:space:]]*|${f##*/}: |"
