@@ -343,6 +343,13 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
         std::unique_lock state_lock(layer->state_mu);
         // Wake up periodically to notice cancellation; Step and shutdown notify at once.
         while (layer->store.step < h.step) {
+          // Only Step(h.step - 1) can be in flight: a lookup further ahead would hold a server
+          // thread until step_wait_seconds for nothing.
+          if (h.step > layer->store.step + 1) {
+            return absl::FailedPreconditionError(absl::StrCat(
+                "header.step: lookup ", Where(h), " is more than one step ahead of the server, "
+                "which is at step ", layer->store.step));
+          }
           if (shutting_down_) {
             return absl::UnavailableError(
                 absl::StrCat("lookup ", Where(h), ": the server is shutting down"));

@@ -59,6 +59,24 @@ TEST(ParamServerTest, ShutdownReleasesALookupWaitingForTheNextStep) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
 }
 
+// Only the step after the server's can be waited for (its Step may be running); a lookup two
+// steps ahead is refused at once instead of holding a thread for step_wait_seconds (600 s here:
+// the test would time out if it waited).
+TEST(ParamServerTest, LookupMoreThanOneStepAheadFailsAtOnce) {
+  ServerOptions o = Small();
+  o.step_wait_seconds = 600;
+  auto server = ParamServer::Create(o, nullptr);
+  ASSERT_TRUE(server.ok());
+  const Tokens t = MakeTokens(1.0f);
+  const uint64_t before = (*server)->StateDigest();
+  const absl::StatusOr<LookupReply> r = (*server)->Lookup(t.Call(2, 0));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_THAT(std::string(r.status().message()),
+              HasSubstr("header.step: lookup (step 2,"));
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("which is at step 0"));
+  EXPECT_EQ((*server)->StateDigest(), before);
+}
+
 TEST(ParamServerTest, CancelledWaitEnds) {
   ServerOptions o = Small();
   o.step_wait_seconds = 600;

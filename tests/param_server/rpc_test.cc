@@ -986,7 +986,7 @@ TEST_F(RpcMalformedTest, Lookup) {
 
   r = good;
   r.mutable_header()->set_step(5);
-  // Answered (not hung) with FAILED_PRECONDITION once step_wait_seconds ran out.
+  // More than one step ahead: FAILED_PRECONDITION at once, not after step_wait_seconds.
   ExpectLookupRejected("step ahead of the server", StatusCode::FAILED_PRECONDITION, "header.step",
                        r);
 
