@@ -19,6 +19,7 @@
 #include "common/status.h"
 #include "param_server/checkpoint/checkpoint.h"
 #include "param_server/rpc/service.h"
+#include "param_server/server/memory_budget.h"
 #include "param_server/server/options.h"
 #include "param_server/server/param_server.h"
 #include "spdlog/spdlog.h"
@@ -33,6 +34,31 @@ std::string MetricsAddress(const std::string& listen, uint32_t port) {
   const size_t colon = listen.rfind(':');
   if (colon != std::string::npos && colon > 0) host = listen.substr(0, colon);
   return absl::StrCat(host, ":", port);
+}
+
+// DESIGN §4's prediction against what the host (or its cgroup, or memory_limit_mb) can give.
+absl::Status CheckHostMemory(const ServerConfig& config,
+                             const meft::server::MemoryPrediction& need) {
+  using meft::server::FormatBytes;
+  const std::string parts = absl::StrCat(
+      "adapter with Adam state ", FormatBytes(need.store_bytes), ", lookup cache ",
+      FormatBytes(need.lookup_cache_bytes),
+      need.restore_bytes > 0 ? absl::StrCat(", restore ", FormatBytes(need.restore_bytes)) : "");
+  if (!config.memory_check) {
+    spdlog::warn("host memory: predicted {} ({}); not checked (memory_check: false)",
+                 FormatBytes(need.total()), parts);
+    return absl::OkStatus();
+  }
+  meft::server::HostMemory host;
+  if (config.memory_limit_mb > 0) {
+    host = {config.memory_limit_mb << 20, "memory_limit_mb"};
+  } else {
+    MEFT_ASSIGN_OR_RETURN(host, meft::server::DetectHostMemory());
+  }
+  MEFT_RETURN_IF_ERROR(meft::server::CheckMemoryAdmission(need, host));
+  spdlog::info("host memory: predicted {} ({}) of {} available ({})", FormatBytes(need.total()),
+               parts, FormatBytes(host.bytes), host.source);
+  return absl::OkStatus();
 }
 
 absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
@@ -57,8 +83,16 @@ absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
                                                         : meft::rpc::ShmAttach::kAuto;
   MEFT_RETURN_IF_ERROR(meft::rpc::CheckListenAddress(rpc_options));
   options.max_response_bytes = rpc_options.max_message_bytes;
+  const meft::server::MemoryPrediction need =
+      meft::server::PredictMemory(options, !config.restore.empty());
+  MEFT_RETURN_IF_ERROR(CheckHostMemory(config, need));
 
   meft::metrics::Registry registry;
+  registry
+      .AddGauge("meft_ps_predicted_memory_bytes",
+                "Host memory the store was predicted to need at start (DESIGN §4: adapter with "
+                "Adam state, lookup cache budget, a restore's transient copy)")
+      .Set(static_cast<double>(need.total()));
   std::unique_ptr<meft::metrics::Exposer> exposer;
   if (config.metrics) {
     MEFT_ASSIGN_OR_RETURN(

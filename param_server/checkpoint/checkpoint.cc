@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <cstring>
 #include <map>
+#include <new>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -237,7 +238,9 @@ absl::StatusOr<uint64_t> Write(const std::string& root, uint64_t step, const Ada
   return bytes;
 }
 
-absl::StatusOr<Loaded> Read(const std::string& dir) {
+namespace {
+
+absl::StatusOr<Loaded> ReadOrThrow(const std::string& dir) {
   Loaded out;
   MEFT_ASSIGN_OR_RETURN(out.config, ReadConfigFile(absl::StrCat(dir, "/", kConfigFile)));
   const std::string state_path = absl::StrCat(dir, "/", kStateFile);
@@ -271,6 +274,18 @@ absl::StatusOr<Loaded> Read(const std::string& dir) {
     out.layers.push_back(std::move(layer));
   }
   return out;
+}
+
+}  // namespace
+
+absl::StatusOr<Loaded> Read(const std::string& dir) {
+  try {
+    return ReadOrThrow(dir);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(dir, ": out of host memory reading the checkpoint (it is read whole before "
+                          "it replaces the store, which stays as it was)"));
+  }
 }
 
 absl::StatusOr<std::string> FindLatest(const std::string& root) {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <new>
 #include <chrono>
 #include <exception>
 #include <fstream>
@@ -249,8 +250,9 @@ class RunningServer::Service final : public v1::ParamServer::Service {
     return absl::OkStatus();
   }
 
-  // Checks the token, runs `body`, turns any escaping exception into INTERNAL (none is
-  // expected: domain code returns statuses), and records bytes and the outcome.
+  // Checks the token, runs `body`, turns an escaping std::bad_alloc into RESOURCE_EXHAUSTED and
+  // any other exception into INTERNAL (none is expected: domain code returns statuses), and
+  // records bytes and the outcome.
   template <typename Request, typename Response, typename Body>
   grpc::Status Handle(const grpc::ServerContext* context, const char* method,
                       const Request& request, Response* response, Body body) {
@@ -263,6 +265,9 @@ class RunningServer::Service final : public v1::ParamServer::Service {
     if (status.ok()) {
       try {
         status = body();
+      } catch (const std::bad_alloc&) {
+        status = absl::ResourceExhaustedError(
+            absl::StrCat(method, ": out of host memory while serving this request"));
       } catch (const std::exception& e) {
         status = absl::InternalError(absl::StrCat(method, ": ", e.what()));
       }

@@ -77,6 +77,16 @@ void RegisterFields(ServerConfig* c, config::FieldSet* f) {
   f->Add("max_pending_lookups", &c->max_pending_lookups,
          "per layer: training lookups that may await their gradients at once");
   f->SetRange("max_pending_lookups", 1, 1 << 20);
+  f->Add("lookup_cache_mb", &c->lookup_cache_mb,
+         "all layers: bytes of training lookups awaiting their gradients, in MiB; 0 = two "
+         "micro-batches of max_tokens per layer");
+  f->SetRange("lookup_cache_mb", 0, 1 << 30);
+  f->Add("memory_check", &c->memory_check,
+         "refuse to start when the store's predicted memory exceeds what the host (or its "
+         "cgroup) can give");
+  f->Add("memory_limit_mb", &c->memory_limit_mb,
+         "memory the start-up check may use, in MiB; 0 = detect (MemAvailable, cgroup limit)");
+  f->SetRange("memory_limit_mb", 0, 1 << 30);
   f->Add("step_wait_seconds", &c->step_wait_seconds,
          "how long a lookup for the next step waits for the current Step before failing");
   f->SetRange("step_wait_seconds", 0, 86400);
@@ -110,6 +120,7 @@ absl::StatusOr<ServerOptions> ToServerOptions(const ServerConfig& c) {
   o.checkpoint_dir = c.checkpoint_dir;
   o.step_wait_seconds = c.step_wait_seconds;
   o.max_pending_lookups = c.max_pending_lookups;
+  o.lookup_cache_bytes = c.lookup_cache_mb << 20;
   if (c.isa == "avx512") {
     o.isa = kernels::Isa::kAvx512;
   } else if (c.isa == "avx2") {

@@ -54,6 +54,10 @@ struct ServerConfig {
   std::string checkpoint_dir;
   double step_wait_seconds = 30.0;
   int64_t max_pending_lookups = 256;
+  int64_t lookup_cache_mb = 0;  // 0 = auto (see ServerOptions::lookup_cache_bytes)
+  // Start-up admission (server/memory_budget.h): refuse a store the host cannot hold.
+  bool memory_check = true;
+  int64_t memory_limit_mb = 0;  // 0 = detect
   std::string isa = "auto";
 };
 

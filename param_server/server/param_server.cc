@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status.h"
+#include "param_server/server/memory_budget.h"
 #include "spdlog/spdlog.h"
 
 namespace meft::server {
@@ -129,6 +130,7 @@ struct CachedLookup {
   std::vector<float> x;       // [T, d] as decoded
   std::vector<uint8_t> mask;  // [T] or empty
   routing::Selection selection;
+  int64_t charged_bytes = 0;  // against the lookup cache budget while cached
 };
 
 struct ParamServer::Layer {
@@ -159,6 +161,7 @@ struct ParamServer::Metrics {
   metrics::Gauge* optimizer_step = nullptr;
   metrics::Counter* lookups_discarded = nullptr;
   metrics::Histogram* checkpoint_seconds = nullptr;
+  metrics::Gauge* lookup_cache_bytes = nullptr;
 };
 
 ParamServer::ParamServer(const ServerOptions& options, const kernels::Kernels& kernels,
@@ -166,6 +169,7 @@ ParamServer::ParamServer(const ServerOptions& options, const kernels::Kernels& k
     : options_(options),
       kernels_(kernels),
       adapter_seed_(options.init.seed),
+      lookup_cache_budget_(LookupCacheBudget(options)),
       metrics_(std::make_unique<Metrics>()) {
   if (registry == nullptr) return;
   Metrics& m = *metrics_;
@@ -199,6 +203,9 @@ ParamServer::ParamServer(const ServerOptions& options, const kernels::Kernels& k
   m.lookups_discarded =
       &registry->AddCounter("meft_ps_lookups_discarded_total",
                             "Training lookups whose gradients never arrived before their Step");
+  m.lookup_cache_bytes = &registry->AddGauge(
+      "meft_ps_lookup_cache_bytes",
+      "Bytes charged by training lookups awaiting their gradients, against lookup_cache_mb");
   m.checkpoint_seconds =
       &registry->AddHistogram("meft_ps_checkpoint_seconds", "Time to write one checkpoint",
                               metrics::ExponentialBuckets(1e-3, 2.0, 16));
@@ -330,6 +337,7 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
   }
 
   const CacheKey key{h.step, h.micro_step};
+  CacheCharge cache_charge(this);  // returned unless the lookup is cached
   std::shared_ptr<const CachedLookup> selection_source;
   bool replayed = false;
   std::shared_lock params_lock(layer->params_mu, std::defer_lock);
@@ -394,6 +402,9 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
             "header: layer ", h.layer, " already holds ", layer->cache.size(),
             " training lookups awaiting gradients (max_pending_lookups); send their gradients or "
             "Step first"));
+      } else {
+        MEFT_RETURN_IF_ERROR(cache_charge.Reserve(LookupCacheBytesBound(options_, num_tokens)));
+        cached->charged_bytes = cache_charge.bytes();
       }
       break;
     }
@@ -472,7 +483,10 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
     std::lock_guard state_lock(layer->state_mu);
     // A concurrent identical lookup may have inserted first (either answer is the same), or even
     // had its gradients applied already: then there is nothing left to keep.
-    if (layer->store.step == h.step && !layer->done.count(key)) layer->cache.emplace(key, cached);
+    if (layer->store.step == h.step && !layer->done.count(key) &&
+        layer->cache.emplace(key, cached).second) {
+      cache_charge.Keep();
+    }
   }
 
   if (metrics_->lookups) {
@@ -581,6 +595,7 @@ absl::StatusOr<GradientsReply> ParamServer::Gradients(const GradientsCall& call)
     offsets.push_back(static_cast<int64_t>(tokens.size()));
     optim::AccumulateOuter(&st.router, experts, offsets, tokens, coeffs, c.x.data());
   }
+  ReleaseCacheBytes(it->second->charged_bytes);
   layer->cache.erase(it);
   layer->done.insert(key);
   if (metrics_->gradient_calls) metrics_->gradient_calls->Increment();
@@ -659,7 +674,7 @@ absl::StatusOr<StepReply> ParamServer::Step(const StepCall& call) {
         metrics_->lookups_discarded->Increment(static_cast<double>(layer->cache.size()));
       }
     }
-    layer->cache.clear();
+    ClearCache(layer);
     layer->done.clear();
     st.step = call.step + 1;
     layer->last_step = mine;
@@ -805,7 +820,7 @@ absl::StatusOr<CheckpointReply> ParamServer::RestoreCheckpoint(const std::string
   for (size_t i = 0; i < layers_.size(); ++i) {
     Layer& l = *layers_[i];
     l.store = std::move(loaded.layers[i]);
-    l.cache.clear();
+    ClearCache(&l);
     l.done.clear();
     l.last_step = StepReply{};
     l.step_cv.notify_all();
@@ -822,6 +837,33 @@ void ParamServer::BeginShutdown() {
     std::lock_guard state_lock(l->state_mu);
     l->step_cv.notify_all();
   }
+}
+
+absl::Status ParamServer::CacheCharge::Reserve(int64_t bytes) {
+  const int64_t before = server_->lookup_cache_bytes_.fetch_add(bytes);
+  if (before + bytes > server_->lookup_cache_budget_) {
+    server_->lookup_cache_bytes_.fetch_sub(bytes);
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "x.shape: caching this lookup (up to ", FormatBytes(bytes), ") would take the lookup "
+        "cache past its budget of ", FormatBytes(server_->lookup_cache_budget_), " (",
+        FormatBytes(before), " held by lookups awaiting gradients; lookup_cache_mb); send their "
+        "gradients or Step first"));
+  }
+  bytes_ = bytes;
+  if (server_->metrics_->lookup_cache_bytes) {
+    server_->metrics_->lookup_cache_bytes->Set(static_cast<double>(before + bytes));
+  }
+  return absl::OkStatus();
+}
+
+void ParamServer::ReleaseCacheBytes(int64_t bytes) {
+  const int64_t after = lookup_cache_bytes_.fetch_sub(bytes) - bytes;
+  if (metrics_->lookup_cache_bytes) metrics_->lookup_cache_bytes->Set(static_cast<double>(after));
+}
+
+void ParamServer::ClearCache(Layer* layer) {
+  for (const auto& [key, cached] : layer->cache) ReleaseCacheBytes(cached->charged_bytes);
+  layer->cache.clear();
 }
 
 ServerInfo ParamServer::Info() const {

@@ -62,6 +62,10 @@ struct ServerOptions {
   std::string checkpoint_dir;
   double step_wait_seconds = 30.0;    // how long an early lookup waits for the previous Step
   int64_t max_pending_lookups = 256;  // per layer: training lookups awaiting their gradients
+  // All layers: bytes training lookups awaiting their gradients may hold (each is charged
+  // LookupCacheBytesBound of its tokens); 0 = auto, two micro-batches of max_tokens per layer
+  // (server/memory_budget.h).
+  int64_t lookup_cache_bytes = 0;
   std::optional<kernels::Isa> isa;    // kernels to use; unset = the best the CPU supports
   // Called by Step after each layer's update is applied and its waiting lookups are woken, with no
   // lock held (layer id, the step applied). For tests and tracing; may be empty.
@@ -204,6 +208,28 @@ class ParamServer {
   absl::StatusOr<std::string> ResolveCheckpointPath(const std::string& path,
                                                     absl::string_view field) const;
   checkpoint::AdapterConfig MakeAdapterConfig() const;
+  // The lookup cache's byte budget (ServerOptions::lookup_cache_bytes): a charge taken before a
+  // training lookup is selected and returned when it leaves the cache, or at once when it is not
+  // cached after all.
+  class CacheCharge {
+   public:
+    explicit CacheCharge(ParamServer* server) : server_(server) {}
+    ~CacheCharge() {
+      if (bytes_ > 0) server_->ReleaseCacheBytes(bytes_);
+    }
+    CacheCharge(const CacheCharge&) = delete;
+    CacheCharge& operator=(const CacheCharge&) = delete;
+    absl::Status Reserve(int64_t bytes);
+    void Keep() { bytes_ = 0; }
+    int64_t bytes() const { return bytes_; }
+
+   private:
+    ParamServer* server_;
+    int64_t bytes_ = 0;
+  };
+  void ReleaseCacheBytes(int64_t bytes);
+  // Empties a layer's lookup cache and returns its charges; the caller holds its state_mu.
+  void ClearCache(Layer* layer);
 
   const ServerOptions options_;
   const kernels::Kernels& kernels_;
@@ -211,6 +237,8 @@ class ParamServer {
   // Seed that initialised the current parameters (the checkpoint's after a restore).
   std::atomic<uint64_t> adapter_seed_;
   std::atomic<bool> shutting_down_{false};
+  const int64_t lookup_cache_budget_;
+  std::atomic<int64_t> lookup_cache_bytes_{0};  // charged by cached lookups, all layers
   std::mutex save_mu_;  // serialises checkpoint writes
   std::unique_ptr<Metrics> metrics_;
 };

@@ -1,7 +1,9 @@
 #include "param_server/store/layer_store.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 #include "common/random.h"
@@ -27,9 +29,17 @@ void FillNormalRow(uint64_t seed, uint32_t layer, uint32_t tensor, int64_t row, 
   }
 }
 
+std::atomic<int64_t> allocations_before_failure{-1};
+
 }  // namespace
 
+void FailAllocationAfterForTesting(int64_t n) { allocations_before_failure.store(n); }
+
 void ParamBlock::Allocate(int64_t n_rows, int64_t n_dim) {
+  if (allocations_before_failure.load() >= 0 && allocations_before_failure.fetch_sub(1) == 0) {
+    allocations_before_failure.store(-1);
+    throw std::bad_alloc();
+  }
   rows = n_rows;
   dim = n_dim;
   const size_t n = static_cast<size_t>(n_rows * n_dim);
@@ -80,9 +90,16 @@ absl::StatusOr<LayerStore> LayerStore::Create(uint32_t layer, int64_t rows, int6
   s.dim = dim;
   s.experts = experts;
   s.rows_per_expert = rows / experts;
-  s.keys.Allocate(rows, dim);
-  s.values.Allocate(rows, dim);
-  s.router.Allocate(experts, dim);
+  try {
+    s.keys.Allocate(rows, dim);
+    s.values.Allocate(rows, dim);
+    s.router.Allocate(experts, dim);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "layer ", layer, ": out of host memory allocating keys and values (", rows, " x ", dim,
+        ") and router (", experts, " x ", dim, ") with their Adam state, ",
+        16 * (2 * rows + experts) * dim, " bytes"));
+  }
 
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, rows),
                     [&](const tbb::blocked_range<int64_t>& rr) {

@@ -69,6 +69,10 @@ struct LayerStore {
                                            int64_t experts, const InitOptions& init);
 };
 
+// Test seam for allocation failure: the next `n` ParamBlock::Allocate calls succeed and the one
+// after throws std::bad_alloc (then allocation works again); negative (the default) never fails.
+void FailAllocationAfterForTesting(int64_t n);
+
 // Default expert count for r rows: the divisor of r nearest 4 * ceil(sqrt(r)) (the larger on a
 // tie). Precondition: rows > 0.
 int64_t DefaultExperts(int64_t rows);

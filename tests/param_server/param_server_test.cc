@@ -13,6 +13,8 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "param_server/server/memory_budget.h"
+#include "param_server/store/layer_store.h"
 
 namespace meft::server {
 namespace {
@@ -104,6 +106,59 @@ TEST(ParamServerTest, PendingLookupsAreBounded) {
   LookupCall eval = c.Call(0, 2);
   eval.training = false;
   EXPECT_TRUE((*server)->Lookup(eval).ok()) << "evaluation lookups are never kept";
+}
+
+// The lookup cache's byte budget (lookup_cache_mb): each pending training lookup is charged its
+// bound; one that would exceed the budget is refused with no state change; replays and
+// evaluation lookups are not charged; a Step empties the cache and returns the charges.
+TEST(ParamServerTest, LookupCacheBudgetBoundsPendingBytes) {
+  ServerOptions o = Small();
+  o.lookup_cache_bytes = LookupCacheBytesBound(o, 2) * 3 / 2;  // room for one 2-token lookup
+  auto server = ParamServer::Create(o, nullptr);
+  ASSERT_TRUE(server.ok());
+  const Tokens a = MakeTokens(1.0f), b = MakeTokens(2.0f);
+  ASSERT_TRUE((*server)->Lookup(a.Call(0, 0)).ok());
+  const uint64_t before = (*server)->StateDigest();
+  const auto r = (*server)->Lookup(b.Call(0, 1));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(r.status().message(), HasSubstr("lookup_cache_mb"));
+  EXPECT_EQ((*server)->StateDigest(), before);
+  EXPECT_TRUE((*server)->Lookup(a.Call(0, 0)).ok()) << "a replay is not charged again";
+  LookupCall eval = b.Call(0, 1);
+  eval.training = false;
+  EXPECT_TRUE((*server)->Lookup(eval).ok()) << "evaluation lookups are never kept";
+  ASSERT_TRUE((*server)->Step({0, 0.1, 1.0, {}}).ok());
+  EXPECT_TRUE((*server)->Lookup(b.Call(1, 0)).ok()) << (*server)->Lookup(b.Call(1, 0)).status();
+}
+
+// std::bad_alloc while the store is allocated or a checkpoint is read becomes RESOURCE_EXHAUSTED
+// naming what was being allocated; a failed restore leaves the served state as it was.
+TEST(ParamServerTest, AllocationFailuresAreResourceExhaustedAndLoseNoState) {
+  ServerOptions o = Small();
+  o.layers = {0, 1};
+  store::FailAllocationAfterForTesting(4);  // layer 0's three blocks, layer 1's keys, then fail
+  auto failed = ParamServer::Create(o, nullptr);
+  store::FailAllocationAfterForTesting(-1);
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(failed.status().message(), HasSubstr("layer 1: out of host memory"));
+
+  const fs::path dir = fs::temp_directory_path() / ("meft_oom_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  auto server = ParamServer::Create(o, nullptr);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const auto saved = (*server)->SaveCheckpoint(dir.string());
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  const Tokens t = MakeTokens(1.0f);
+  ASSERT_TRUE((*server)->Lookup(t.Call(0, 0)).ok());  // state a failed restore must keep
+  const uint64_t before = (*server)->StateDigest();
+  store::FailAllocationAfterForTesting(2);
+  const auto restored = (*server)->RestoreCheckpoint(saved->path, /*confine=*/false);
+  store::FailAllocationAfterForTesting(-1);
+  EXPECT_EQ(restored.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(restored.status().message(), HasSubstr("out of host memory reading the checkpoint"));
+  EXPECT_EQ((*server)->StateDigest(), before);
+  EXPECT_TRUE((*server)->RestoreCheckpoint(saved->path, false).ok());
+  fs::remove_all(dir);
 }
 
 // Overlap (DESIGN §3): Step updates layers in ascending order and answers a layer's next lookup

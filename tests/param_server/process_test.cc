@@ -31,6 +31,7 @@ namespace meft {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 namespace fs = std::filesystem;
 
 // A meft-param-server child with its stderr captured.
@@ -302,6 +303,34 @@ TEST_F(ProcessTest, BadConfigurationExitsWithAClearError) {
                      "--listen", "127.0.0.1:0"});
     EXPECT_NE(p.Wait(), 0);
     EXPECT_THAT(p.output(), HasSubstr("nothing-here"));
+  }
+}
+
+// Host memory admission: a store that cannot fit is refused before anything is allocated, with
+// the need, the limit and the settings that change them; the override lets it start.
+TEST_F(ProcessTest, RefusesAStoreLargerThanTheMemoryLimit) {
+  const std::vector<std::string> big = {"--adapter-layers", "0-31",  "--adapter-dim",
+                                        "4096",             "--adapter-rows", "16384",
+                                        "--metrics-port",   "0",     "--listen",
+                                        "127.0.0.1:0"};
+  {
+    std::vector<std::string> args = big;
+    args.insert(args.end(), {"--memory-limit-mb", "1024"});
+    ServerProcess p(args);
+    EXPECT_EQ(p.Wait(), 1) << p.output();
+    EXPECT_THAT(p.output(), HasSubstr("host memory: the store needs 73.51 GiB"));
+    EXPECT_THAT(p.output(), HasSubstr("adapter with Adam state 65.00 GiB"));
+    EXPECT_THAT(p.output(), HasSubstr("this host can give 1.00 GiB (memory_limit_mb)"));
+    EXPECT_THAT(p.output(), HasSubstr("adapter_rows"));
+    EXPECT_THAT(p.output(), Not(HasSubstr("initialising")));
+  }
+  {
+    ServerProcess p({"--adapter-rows", "1024", "--memory-limit-mb", "64", "--metrics-port", "0",
+                     "--listen", "127.0.0.1:0"});
+    EXPECT_FALSE(p.WaitFor(R"(serving meft\.v1\.ParamServer)").empty()) << p.output();
+    EXPECT_THAT(p.output(), HasSubstr("of 64.0 MiB available (memory_limit_mb)"));
+    p.Signal(SIGINT);
+    EXPECT_EQ(p.Wait(), 0) << p.output();
   }
 }
 
