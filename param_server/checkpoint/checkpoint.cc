@@ -273,6 +273,29 @@ absl::StatusOr<Loaded> Read(const std::string& dir) {
   return out;
 }
 
+absl::StatusOr<ParameterView> OpenParameters(const std::string& dir) {
+  ParameterView out;
+  MEFT_ASSIGN_OR_RETURN(out.config, ReadConfigFile(absl::StrCat(dir, "/", kConfigFile)));
+  const std::string state_path = absl::StrCat(dir, "/", kStateFile);
+  MEFT_ASSIGN_OR_RETURN(json state, ParseJsonFile(state_path));
+  MEFT_RETURN_IF_ERROR(Field(state, state_path, "global_step", &out.step));
+  MEFT_ASSIGN_OR_RETURN(out.model, st::File::Open(absl::StrCat(dir, "/", kModelFile)));
+  const AdapterConfig& c = out.config;
+  for (uint32_t l : c.layers) {
+    ParameterView::Layer layer{.layer = l};
+    const std::pair<absl::string_view, std::span<const uint8_t>*> blocks[] = {
+        {"keys", &layer.keys}, {"values", &layer.values}, {"router", &layer.router}};
+    for (const auto& [name, span] : blocks) {
+      const int64_t rows = name == "router" ? c.experts : c.rows;
+      const std::string tensor = TensorName(l, name);
+      MEFT_RETURN_IF_ERROR(out.model->CheckTensor(tensor, st::DType::kF32, {rows, c.dim}));
+      MEFT_ASSIGN_OR_RETURN(*span, out.model->Data(tensor));
+    }
+    out.layers.push_back(layer);
+  }
+  return out;
+}
+
 absl::StatusOr<std::string> FindLatest(const std::string& root) {
   MEFT_ASSIGN_OR_RETURN(std::vector<std::string> names, io::ListDirectory(root));
   bool found = false;
