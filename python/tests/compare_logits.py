@@ -52,10 +52,13 @@ def main() -> int:
     diff = (got - want).abs()[real].max().item()
     effect = (want - base).abs()[real].max().item()
     argmax_equal = (got.argmax(-1) == want.argmax(-1))[real].float().mean().item()
-    report = {"adapter": handle.config.adapter, "mode": handle.config.mode,
-              "row_dtype": handle.config.row_dtype, "layers": handle.config.layers,
-              "positions": int(real.sum()), "max_abs_diff": diff, "atol": a.atol,
-              "adapter_effect": effect, "argmax_equal": argmax_equal}
+    c = handle.config
+    report = {"adapter": c.adapter, "layers": c.layers, "positions": int(real.sum()),
+              "max_abs_diff": diff, "atol": a.atol, "adapter_effect": effect,
+              "argmax_equal": argmax_equal}
+    if c.adapter == "meft":
+        report.update(mode=c.mode, gated=c.gated, row_dtype=c.row_dtype,
+                      prefetch_layers=c.prefetch_layers, max_rows=c.max_rows)
     print(json.dumps(report))
     if not diff <= a.atol:
         print(f"FAIL: logits differ by {diff:.3g} > atol {a.atol:g}", file=sys.stderr)

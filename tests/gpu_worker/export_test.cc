@@ -320,6 +320,40 @@ TEST_F(ExportTest, BadInputNamesTheFile) {
   EXPECT_FALSE(fs::exists(root_ / "o"));
 }
 
+// The Python side refuses a malformed export, naming the file and the field or tensor.
+TEST_F(ExportTest, PythonNamesTheFileAndFieldOfABadExport) {
+  const std::string venv = Venv();
+  ASSERT_TRUE(fs::exists(venv + "/bin/python")) << "MEFT_VENV='" << venv << "' is not set up";
+  const fs::path dir = root_ / "bad";
+  fs::create_directories(dir);
+  auto read = [&] {
+    return Shell(absl::StrCat("PYTHONPATH=", Quote(std::string(MEFT_SOURCE_DIR) + "/python"), " ",
+                              Quote(venv + "/bin/python"),
+                              " -c 'import sys, meft_adapter as m; c = m.read_config(sys.argv[1]); "
+                              "m.read_tensors(sys.argv[1], c)' ",
+                              Quote(dir.string())));
+  };
+  std::ofstream(dir / "adapter_config.json")
+      << R"({"format": "meft-export", "format_version": 1, "adapter": "meft", "r": 8, "d": 4,
+             "layers": [0], "step": 1, "activation": "relu", "dtype": "float32", "E": 2,
+             "top_k": 2, "max_rows": 0, "mode": "per_token", "gating": "gated",
+             "prefetch_layers": 0, "row_dtype": "bf16"})";
+  auto [code, out] = read();
+  EXPECT_NE(code, 0);
+  EXPECT_THAT(out, HasSubstr("bad/adapter_config.json: missing field \"n_probe\""));
+  std::ofstream(dir / "adapter_config.json")
+      << R"({"format": "meft-export", "format_version": 1, "adapter": "parallel", "r": 8, "d": 4,
+             "layers": [0], "step": 1, "activation": "relu", "dtype": "float32"})";
+  const std::vector<float> keys(8 * 4, 0.0f);
+  ASSERT_TRUE(st::Write((dir / "adapter_model.safetensors").string(),
+                        {{"layers.0.keys", st::DType::kF32, {8, 4},
+                          {reinterpret_cast<const uint8_t*>(keys.data()), 8 * 4 * 4}}})
+                  .ok());
+  std::tie(code, out) = read();
+  EXPECT_NE(code, 0);
+  EXPECT_THAT(out, HasSubstr("bad/adapter_model.safetensors: tensor \"layers.0.values\" is missing"));
+}
+
 TEST_F(ExportTest, ServerCheckpointWithAMissingTensorNamesIt) {
   Case c{.name = "broken", .model_dir = kLlamaTiny};
   auto model = *LlamaModel::Load(kLlamaTiny, torch::kCPU, torch::kFloat32);
