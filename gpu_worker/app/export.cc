@@ -68,9 +68,10 @@ absl::StatusOr<std::vector<std::string>> ServerCheckpoints(const std::string& ch
     return paths;
   }
   if (!state.contains("server_checkpoint") || !state["server_checkpoint"].is_string()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        state_path, ": field \"server_checkpoint\" is missing (a meft worker checkpoint records "
-                    "the parameter server's checkpoint there)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(state_path,
+                     ": field \"server_checkpoint\" is missing (a meft worker checkpoint records "
+                     "the parameter server's checkpoint there)"));
   }
   return std::vector<std::string>{
       ResolveRecordedPath(checkpoint, state["server_checkpoint"].get<std::string>())};
@@ -111,9 +112,9 @@ absl::Status CollectMeft(const std::vector<std::string>& dirs, const ExportOptio
       out->step = view.step;
     } else {
       const checkpoint::AdapterConfig& f = *first;
-      if (c.rows != f.rows || c.dim != f.dim || c.experts != f.experts ||
-          c.n_probe != f.n_probe || c.top_k != f.top_k || c.max_rows != f.max_rows ||
-          c.mode != f.mode || c.gated != f.gated || view.step != out->step) {
+      if (c.rows != f.rows || c.dim != f.dim || c.experts != f.experts || c.n_probe != f.n_probe ||
+          c.top_k != f.top_k || c.max_rows != f.max_rows || c.mode != f.mode ||
+          c.gated != f.gated || view.step != out->step) {
         return absl::InvalidArgumentError(absl::StrCat(
             dir, "/", checkpoint::kConfigFile, ": shard settings (rows, dim, experts, n_probe, ",
             "top_k, max_rows, mode, gated, step) differ from those of ", first_dir));
@@ -122,12 +123,11 @@ absl::Status CollectMeft(const std::vector<std::string>& dirs, const ExportOptio
     for (const checkpoint::ParameterView::Layer& l : view.layers) {
       if (auto [it, inserted] = owner.emplace(l.layer, dir); !inserted) {
         return absl::InvalidArgumentError(absl::StrCat(dir, "/", checkpoint::kConfigFile,
-                                                       ": layer ", l.layer,
-                                                       " is also held by ", it->second));
+                                                       ": layer ", l.layer, " is also held by ",
+                                                       it->second));
       }
-      if (!options.layers.empty() &&
-          std::find(options.layers.begin(), options.layers.end(), l.layer) ==
-              options.layers.end()) {
+      if (!options.layers.empty() && std::find(options.layers.begin(), options.layers.end(),
+                                               l.layer) == options.layers.end()) {
         continue;
       }
       out->layers.push_back(l.layer);
@@ -139,9 +139,9 @@ absl::Status CollectMeft(const std::vector<std::string>& dirs, const ExportOptio
   }
   for (uint32_t l : options.layers) {
     if (!owner.count(l)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "adapter.layers: layer ", l, " is in no server checkpoint (",
-          absl::StrJoin(dirs, ", "), " hold ", owner.size(), " layers)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("adapter.layers: layer ", l, " is in no server checkpoint (",
+                       absl::StrJoin(dirs, ", "), " hold ", owner.size(), " layers)"));
     }
   }
   const checkpoint::AdapterConfig& c = *first;
@@ -179,9 +179,8 @@ absl::Status CollectParallel(const std::string& checkpoint, Collected* out) {
   if (layers.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": no tensors"));
   const st::TensorInfo* first = file->Find(Name(*layers.begin(), "keys"));
   if (first == nullptr || first->shape.size() != 2) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": tensor \"", Name(*layers.begin(), "keys"),
-                     "\" is missing or not a matrix"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": tensor \"", Name(*layers.begin(), "keys"), "\" is missing or not a matrix"));
   }
   const std::vector<int64_t> shape = first->shape;
   for (uint32_t l : layers) {
@@ -216,9 +215,10 @@ absl::StatusOr<ExportSummary> ExportAdapter(const ExportOptions& options) {
     MEFT_RETURN_IF_ERROR(CollectMeft({options.checkpoint}, options, &got));
   } else {
     if (!state.contains("adapter") || !state["adapter"].is_string()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          state_path, ": field \"adapter\" is missing (neither a meft-worker nor a "
-                      "meft-param-server checkpoint)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(state_path,
+                       ": field \"adapter\" is missing (neither a meft-worker nor a "
+                       "meft-param-server checkpoint)"));
     }
     adapter = state["adapter"].get<std::string>();
     if (adapter == "meft") {
@@ -248,12 +248,9 @@ absl::StatusOr<ExportSummary> ExportAdapter(const ExportOptions& options) {
     tensors.push_back({t.name, st::DType::kF32, t.shape, t.data});
     summary.parameters += static_cast<int64_t>(t.data.size() / sizeof(float));
   }
-  json config = {{"format", kExportFormat},
-                 {"format_version", 1},
-                 {"step", got.step},
-                 {"source", options.checkpoint},
-                 {"layers", got.layers},
-                 {"activation", "relu"},
+  json config = {{"format", kExportFormat}, {"format_version", 1},
+                 {"step", got.step},        {"source", options.checkpoint},
+                 {"layers", got.layers},    {"activation", "relu"},
                  {"dtype", "float32"}};
   config.update(got.config);
 
@@ -261,12 +258,11 @@ absl::StatusOr<ExportSummary> ExportAdapter(const ExportOptions& options) {
   const std::string tmp = absl::StrCat(options.output, ".tmp-", ::getpid());
   MEFT_RETURN_IF_ERROR(io::RemoveAll(tmp));
   MEFT_RETURN_IF_ERROR(io::CreateDirectories(tmp));
-  const std::map<std::string, std::string> meta = {{"format", kExportFormat},
-                                                   {"adapter", adapter}};
+  const std::map<std::string, std::string> meta = {{"format", kExportFormat}, {"adapter", adapter}};
   MEFT_ASSIGN_OR_RETURN(summary.bytes,
                         st::Write(absl::StrCat(tmp, "/adapter_model.safetensors"), tensors, meta));
-  MEFT_RETURN_IF_ERROR(io::WriteFileDurably(absl::StrCat(tmp, "/adapter_config.json"),
-                                            {config.dump(2) + "\n"}));
+  MEFT_RETURN_IF_ERROR(
+      io::WriteFileDurably(absl::StrCat(tmp, "/adapter_config.json"), {config.dump(2) + "\n"}));
   MEFT_RETURN_IF_ERROR(io::FsyncDirectory(tmp));
   MEFT_RETURN_IF_ERROR(io::ReplaceDirectoryAtomically(tmp, options.output));
   return summary;

@@ -237,12 +237,21 @@ absl::StatusOr<uint64_t> Write(const std::string& root, uint64_t step, const Ada
   return bytes;
 }
 
-absl::StatusOr<Loaded> Read(const std::string& dir) {
-  Loaded out;
-  MEFT_ASSIGN_OR_RETURN(out.config, ReadConfigFile(absl::StrCat(dir, "/", kConfigFile)));
+namespace {
+
+// adapter_config.json and the step of trainer_state.json.
+absl::Status ReadConfigAndStep(const std::string& dir, AdapterConfig* config, uint64_t* step) {
+  MEFT_ASSIGN_OR_RETURN(*config, ReadConfigFile(absl::StrCat(dir, "/", kConfigFile)));
   const std::string state_path = absl::StrCat(dir, "/", kStateFile);
   MEFT_ASSIGN_OR_RETURN(json state, ParseJsonFile(state_path));
-  MEFT_RETURN_IF_ERROR(Field(state, state_path, "global_step", &out.step));
+  return Field(state, state_path, "global_step", step);
+}
+
+}  // namespace
+
+absl::StatusOr<Loaded> Read(const std::string& dir) {
+  Loaded out;
+  MEFT_RETURN_IF_ERROR(ReadConfigAndStep(dir, &out.config, &out.step));
 
   MEFT_ASSIGN_OR_RETURN(auto model, st::File::Open(absl::StrCat(dir, "/", kModelFile)));
   MEFT_ASSIGN_OR_RETURN(auto optimizer, st::File::Open(absl::StrCat(dir, "/", kOptimizerFile)));
@@ -275,10 +284,7 @@ absl::StatusOr<Loaded> Read(const std::string& dir) {
 
 absl::StatusOr<ParameterView> OpenParameters(const std::string& dir) {
   ParameterView out;
-  MEFT_ASSIGN_OR_RETURN(out.config, ReadConfigFile(absl::StrCat(dir, "/", kConfigFile)));
-  const std::string state_path = absl::StrCat(dir, "/", kStateFile);
-  MEFT_ASSIGN_OR_RETURN(json state, ParseJsonFile(state_path));
-  MEFT_RETURN_IF_ERROR(Field(state, state_path, "global_step", &out.step));
+  MEFT_RETURN_IF_ERROR(ReadConfigAndStep(dir, &out.config, &out.step));
   MEFT_ASSIGN_OR_RETURN(out.model, st::File::Open(absl::StrCat(dir, "/", kModelFile)));
   const AdapterConfig& c = out.config;
   for (uint32_t l : c.layers) {

@@ -9,10 +9,11 @@
 // Needs the Python environment (MEFT_VENV) and, for SmolLM2, MEFT_SMOLLM2_DIR: the environment
 // variables, else the CMake cache variables of the same names. Missing ones fail the test.
 
-#include <sys/wait.h>
-#include <unistd.h>
+#include "gpu_worker/app/export.h"
 
+#include <sys/wait.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -26,7 +27,6 @@
 #include "gmock/gmock.h"
 #include "gpu_worker/adapters/baselines.h"
 #include "gpu_worker/adapters/meft_adapter.h"
-#include "gpu_worker/app/export.h"
 #include "gpu_worker/model/llama.h"
 #include "gpu_worker/rpc/grpc_param_client.h"
 #include "gpu_worker/train/trainer.h"
@@ -120,8 +120,8 @@ class ExportTest : public ::testing::Test {
     co.address = "127.0.0.1:" + std::to_string(m.running->port());
     co.bf16_rows = c.bf16_rows;
     m.client = *CreateGrpcParamClient(co);
-    m.adapter = std::make_unique<MeftAdapter>(
-        m.client.get(), *m.client->Describe(), MeftAdapterOptions{.prefetch_layers = c.prefetch});
+    m.adapter = std::make_unique<MeftAdapter>(m.client.get(), *m.client->Describe(),
+                                              MeftAdapterOptions{.prefetch_layers = c.prefetch});
     m.target = {.adapter = "meft",
                 .hooks = m.adapter.get(),
                 .meft = m.adapter.get(),
@@ -163,9 +163,8 @@ class ExportTest : public ::testing::Test {
   }
 
   // Writes meft's logits for Prompts(), then runs the Python comparison on `export_dir`.
-  void CompareWithPython(const LlamaModel& model, AdapterHooks* hooks,
-                         const std::string& model_dir, const std::string& export_dir,
-                         double atol) {
+  void CompareWithPython(const LlamaModel& model, AdapterHooks* hooks, const std::string& model_dir,
+                         const std::string& export_dir, double atol) {
     const auto [ids, mask] = Prompts();
     torch::Tensor logits;
     {
@@ -188,11 +187,10 @@ class ExportTest : public ::testing::Test {
         << "MEFT_VENV='" << venv << "' is not a Python environment: run scripts/python-env.sh and "
         << "configure with -DMEFT_VENV=<the path it prints> (scripts/test.sh does)";
     const std::string src = MEFT_SOURCE_DIR;
-    const auto [code, out] =
-        Shell(absl::StrCat("PYTHONPATH=", Quote(src + "/python"), " ", Quote(venv + "/bin/python"),
-                         " ", Quote(src + "/python/tests/compare_logits.py"), " --model-dir ",
-                         Quote(model_dir), " --export ", Quote(export_dir), " --expected ",
-                         Quote(expected), " --atol ", atol));
+    const auto [code, out] = Shell(absl::StrCat(
+        "PYTHONPATH=", Quote(src + "/python"), " ", Quote(venv + "/bin/python"), " ",
+        Quote(src + "/python/tests/compare_logits.py"), " --model-dir ", Quote(model_dir),
+        " --export ", Quote(export_dir), " --expected ", Quote(expected), " --atol ", atol));
     std::cout << out;
     EXPECT_EQ(code, 0) << out;
   }
@@ -212,10 +210,10 @@ class ExportTest : public ::testing::Test {
     }
     const std::string export_dir = (root_ / "export").string();
     if (c.use_cli) {
-      const auto [code, out] = Shell(absl::StrCat(
-          Quote(MEFT_WORKER_BIN), " export --checkpoint ", Quote(checkpoint), " --output ",
-          Quote(export_dir), " --meft-prefetch-layers ", c.prefetch,
-          " --meft-bf16-rows=", c.bf16_rows ? "true" : "false"));
+      const auto [code, out] =
+          Shell(absl::StrCat(Quote(MEFT_WORKER_BIN), " export --checkpoint ", Quote(checkpoint),
+                             " --output ", Quote(export_dir), " --meft-prefetch-layers ",
+                             c.prefetch, " --meft-bf16-rows=", c.bf16_rows ? "true" : "false"));
       ASSERT_EQ(code, 0) << out;
       EXPECT_THAT(out, HasSubstr("exported meft adapter of step 3"));
     } else {
@@ -278,10 +276,9 @@ TEST_F(ExportTest, TinyLlamaParallel) {
   const int64_t d = model->config().hidden_size;
   const ParallelAdapterOptions po{.rows = 64, .layers = {0, 1}, .seed = 4};
   auto trained = *ParallelAdapter::Create(po, d, torch::kCPU);
-  const std::string checkpoint =
-      Train(*model,
-            {.adapter = "parallel", .hooks = trained.get(), .local = trained->named_parameters()},
-            3);
+  const std::string checkpoint = Train(
+      *model, {.adapter = "parallel", .hooks = trained.get(), .local = trained->named_parameters()},
+      3);
   const std::string export_dir = (root_ / "export").string();
   auto summary = ExportAdapter({.checkpoint = checkpoint, .output = export_dir});
   ASSERT_TRUE(summary.ok()) << summary.status();
@@ -289,9 +286,9 @@ TEST_F(ExportTest, TinyLlamaParallel) {
   EXPECT_EQ(summary->parameters, 2 * 2 * 64 * d);
   // meft's evaluation: a fresh adapter loads the checkpoint.
   auto eval = *ParallelAdapter::Create({.rows = 64, .layers = {0, 1}, .seed = 99}, d, torch::kCPU);
-  ASSERT_TRUE(LoadAdapterCheckpoint(checkpoint, {.adapter = "parallel",
-                                                 .hooks = eval.get(),
-                                                 .local = eval->named_parameters()})
+  ASSERT_TRUE(LoadAdapterCheckpoint(
+                  checkpoint,
+                  {.adapter = "parallel", .hooks = eval.get(), .local = eval->named_parameters()})
                   .ok());
   CompareWithPython(*model, eval.get(), kLlamaTiny, export_dir, 1e-4);
 }
@@ -346,15 +343,18 @@ TEST_F(ExportTest, PythonNamesTheFileAndFieldOfABadExport) {
              "layers": [0], "step": 1, "activation": "relu", "dtype": "float32"})";
   const std::vector<float> keys(8 * 4, 0.0f);
   ASSERT_TRUE(st::Write((dir / "adapter_model.safetensors").string(),
-                        {{"layers.0.keys", st::DType::kF32, {8, 4},
+                        {{"layers.0.keys",
+                          st::DType::kF32,
+                          {8, 4},
                           {reinterpret_cast<const uint8_t*>(keys.data()), 8 * 4 * 4}}})
                   .ok());
   std::tie(code, out) = read();
   EXPECT_NE(code, 0);
-  EXPECT_THAT(out, HasSubstr("bad/adapter_model.safetensors: tensor \"layers.0.values\" is missing"));
+  EXPECT_THAT(out,
+              HasSubstr("bad/adapter_model.safetensors: tensor \"layers.0.values\" is missing"));
 }
 
-TEST_F(ExportTest, ServerCheckpointWithAMissingTensorNamesIt) {
+TEST_F(ExportTest, ServerCheckpointExportsDirectlyAndAMissingTensorIsNamed) {
   Case c{.name = "broken", .model_dir = kLlamaTiny};
   auto model = *LlamaModel::Load(kLlamaTiny, torch::kCPU, torch::kFloat32);
   std::string server_checkpoint;
@@ -362,13 +362,36 @@ TEST_F(ExportTest, ServerCheckpointWithAMissingTensorNamesIt) {
     Meft m = StartMeft(c, model->config().hidden_size);
     server_checkpoint = *m.client->SaveCheckpoint("");
   }
+  // A server checkpoint exports directly; adapter.layers keeps only the layers named.
+  auto ok = ExportAdapter(
+      {.checkpoint = server_checkpoint, .output = (root_ / "direct").string(), .layers = {1}});
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->layers, std::vector<uint32_t>{1});
+  std::ifstream config_file(root_ / "direct" / "adapter_config.json");
+  const nlohmann::json config = nlohmann::json::parse(config_file);
+  EXPECT_EQ(config["adapter"], "meft");
+  EXPECT_EQ(config["r"], 256);
+  EXPECT_EQ(config["top_k"], 16);
+  EXPECT_EQ(config["n_probe"], 4);
+  EXPECT_EQ(config["gating"], "gated");
+  EXPECT_EQ(config["row_dtype"], "bf16");
+  EXPECT_EQ(config["layers"], nlohmann::json::array({1}));
+  auto st_file = *st::File::Open((root_ / "direct" / "adapter_model.safetensors").string());
+  EXPECT_EQ(st_file->tensors().size(), 3u);
+  EXPECT_NE(st_file->Find("layers.1.router"), nullptr);
+  // A layer no checkpoint holds is an error naming the setting.
+  auto missing = ExportAdapter(
+      {.checkpoint = server_checkpoint, .output = (root_ / "o").string(), .layers = {5}});
+  EXPECT_THAT(missing.status().message(), HasSubstr("adapter.layers: layer 5"));
+
   // Rewrite adapter_model.safetensors without layers.1.router.
   const std::string path = server_checkpoint + "/adapter_model.safetensors";
   std::vector<st::TensorToWrite> kept;
   {
     auto file = *st::File::Open(path);
     for (const st::TensorInfo& t : file->tensors()) {
-      if (t.name != "layers.1.router") kept.push_back({t.name, t.dtype, t.shape, *file->Data(t.name)});
+      if (t.name != "layers.1.router")
+        kept.push_back({t.name, t.dtype, t.shape, *file->Data(t.name)});
     }
     const std::string tmp = path + ".new";
     ASSERT_TRUE(st::Write(tmp, kept).ok());
