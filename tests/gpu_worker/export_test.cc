@@ -17,6 +17,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -32,6 +33,7 @@
 #include "gpu_worker/train/trainer.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "param_server/checkpoint/checkpoint.h"
 #include "param_server/rpc/service.h"
 #include "param_server/server/param_server.h"
 #include "tests/gpu_worker/tiny_dataset.h"
@@ -315,6 +317,51 @@ TEST_F(ExportTest, BadInputNamesTheFile) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
   EXPECT_THAT(r.status().message(), HasSubstr("w/adapter_model.safetensors"));
   EXPECT_FALSE(fs::exists(root_ / "o"));
+}
+
+// Two shards, each owning one layer: the worker checkpoint's server_checkpoints are merged (a
+// relative path is taken from the run folder); a layer held twice is refused naming both.
+TEST_F(ExportTest, ShardCheckpointsAreMerged) {
+  auto shard = [&](uint32_t layer, const std::string& name) {
+    server::ServerOptions o;
+    o.layers = {layer};
+    o.rows = 64;
+    o.dim = 8;
+    o.init.seed = 5;
+    o.checkpoint_dir = (root_ / "run" / name).string();
+    auto s = *server::ParamServer::Create(o, nullptr);
+    auto saved = s->SaveCheckpoint("");
+    EXPECT_TRUE(saved.ok()) << saved.status();
+    return checkpoint::Read(saved->path);
+  };
+  auto a = shard(0, "ps0");
+  auto b = shard(1, "ps1");
+  ASSERT_TRUE(a.ok() && b.ok());
+  fs::create_directories(root_ / "run" / "checkpoint-0");
+  std::ofstream(root_ / "run" / "checkpoint-0" / "trainer_state.json")
+      << R"({"adapter": "meft", "global_step": 0, "server_checkpoints": [")"
+      << (root_ / "run" / "ps0" / "checkpoint-0").string() << R"(", "ps1/checkpoint-0"]})";
+  const std::string out = (root_ / "export").string();
+  auto r = ExportAdapter({.checkpoint = (root_ / "run" / "checkpoint-0").string(), .output = out});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->layers, (std::vector<uint32_t>{0, 1}));
+  auto file = *st::File::Open(out + "/adapter_model.safetensors");
+  const checkpoint::Loaded* loaded[] = {&*a, &*b};
+  for (uint32_t l : {0u, 1u}) {
+    const store::LayerStore& layer = loaded[l]->layers[0];
+    for (const auto& [block, want] : {std::pair{"keys", &layer.keys.param},
+                                      std::pair{"router", &layer.router.param}}) {
+      auto data = *file->Data(absl::StrCat("layers.", l, ".", block));
+      ASSERT_EQ(data.size(), want->size() * sizeof(float));
+      EXPECT_EQ(std::memcmp(data.data(), want->data(), data.size()), 0) << l << " " << block;
+    }
+  }
+  // The same shard twice.
+  std::ofstream(root_ / "run" / "checkpoint-0" / "trainer_state.json")
+      << R"({"adapter": "meft", "global_step": 0, "server_checkpoints": ["ps0/checkpoint-0",)"
+      << R"( "ps0/checkpoint-0"]})";
+  r = ExportAdapter({.checkpoint = (root_ / "run" / "checkpoint-0").string(), .output = out});
+  EXPECT_THAT(r.status().message(), HasSubstr("layer 0 is also held by"));
 }
 
 // The Python side refuses a malformed export, naming the file and the field or tensor.
