@@ -349,8 +349,8 @@ TEST_F(ExportTest, ShardCheckpointsAreMerged) {
   const checkpoint::Loaded* loaded[] = {&*a, &*b};
   for (uint32_t l : {0u, 1u}) {
     const store::LayerStore& layer = loaded[l]->layers[0];
-    for (const auto& [block, want] : {std::pair{"keys", &layer.keys.param},
-                                      std::pair{"router", &layer.router.param}}) {
+    for (const auto& [block, want] :
+         {std::pair{"keys", &layer.keys.param}, std::pair{"router", &layer.router.param}}) {
       auto data = *file->Data(absl::StrCat("layers.", l, ".", block));
       ASSERT_EQ(data.size(), want->size() * sizeof(float));
       EXPECT_EQ(std::memcmp(data.data(), want->data(), data.size()), 0) << l << " " << block;
