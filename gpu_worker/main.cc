@@ -3,6 +3,7 @@
 //   train       fine-tune an adapter (meft through the parameter server, parallel, lora)
 //   eval        generate answers for data.eval and score them (predictions.jsonl, metrics.json)
 //   generate    answer one prompt
+//   export      write a trained adapter for the python/ package (gpu_worker/app/export.h)
 
 #include <signal.h>
 #include <torch/torch.h>
@@ -21,6 +22,7 @@
 #include "common/metrics/metrics.h"
 #include "common/rpc/message_memory.h"
 #include "common/status.h"
+#include "gpu_worker/app/export.h"
 #include "gpu_worker/app/worker_config.h"
 #include "gpu_worker/data/dataset.h"
 #include "gpu_worker/eval/evaluate.h"
@@ -39,7 +41,8 @@ constexpr char kUsage[] =
     "  make-facts  write the synthetic facts benchmark, a tiny tokenizer and a tiny LLaMA\n"
     "  train       fine-tune an adapter (--config run.yaml, --resume checkpoint-<step>)\n"
     "  eval        answer data.eval and score it (--checkpoint checkpoint-<step>)\n"
-    "  generate    answer one prompt (--prompt TEXT)\n";
+    "  generate    answer one prompt (--prompt TEXT)\n"
+    "  export      write a meft or parallel adapter for python/ (--checkpoint DIR --output DIR)\n";
 
 void PrintSummary(const meft::worker::MetricsSummary& summary, const std::string& label) {
   std::string line = absl::StrCat(label, ": ", summary.num_examples, " examples");
@@ -325,6 +328,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (command == "make-facts") return MakeFacts(argc - 1, argv + 1);
+  if (command == "export") return meft::worker::RunExportCommand(argc - 1, argv + 1);
   if (command == "train" || command == "eval" || command == "generate") {
     return RunWithConfig(command, argc - 1, argv + 1);
   }

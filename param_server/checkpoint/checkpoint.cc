@@ -240,12 +240,17 @@ absl::StatusOr<uint64_t> Write(const std::string& root, uint64_t step, const Ada
 
 namespace {
 
-absl::StatusOr<Loaded> ReadOrThrow(const std::string& dir) {
-  Loaded out;
-  MEFT_ASSIGN_OR_RETURN(out.config, ReadConfigFile(absl::StrCat(dir, "/", kConfigFile)));
+// adapter_config.json and the step of trainer_state.json.
+absl::Status ReadConfigAndStep(const std::string& dir, AdapterConfig* config, uint64_t* step) {
+  MEFT_ASSIGN_OR_RETURN(*config, ReadConfigFile(absl::StrCat(dir, "/", kConfigFile)));
   const std::string state_path = absl::StrCat(dir, "/", kStateFile);
   MEFT_ASSIGN_OR_RETURN(json state, ParseJsonFile(state_path));
-  MEFT_RETURN_IF_ERROR(Field(state, state_path, "global_step", &out.step));
+  return Field(state, state_path, "global_step", step);
+}
+
+absl::StatusOr<Loaded> ReadOrThrow(const std::string& dir) {
+  Loaded out;
+  MEFT_RETURN_IF_ERROR(ReadConfigAndStep(dir, &out.config, &out.step));
 
   MEFT_ASSIGN_OR_RETURN(auto model, st::File::Open(absl::StrCat(dir, "/", kModelFile)));
   MEFT_ASSIGN_OR_RETURN(auto optimizer, st::File::Open(absl::StrCat(dir, "/", kOptimizerFile)));
@@ -286,6 +291,26 @@ absl::StatusOr<Loaded> Read(const std::string& dir) {
         absl::StrCat(dir, ": out of host memory reading the checkpoint (it is read whole before "
                           "it replaces the store, which stays as it was)"));
   }
+}
+
+absl::StatusOr<ParameterView> OpenParameters(const std::string& dir) {
+  ParameterView out;
+  MEFT_RETURN_IF_ERROR(ReadConfigAndStep(dir, &out.config, &out.step));
+  MEFT_ASSIGN_OR_RETURN(out.model, st::File::Open(absl::StrCat(dir, "/", kModelFile)));
+  const AdapterConfig& c = out.config;
+  for (uint32_t l : c.layers) {
+    ParameterView::Layer layer{.layer = l};
+    const std::pair<absl::string_view, std::span<const uint8_t>*> blocks[] = {
+        {"keys", &layer.keys}, {"values", &layer.values}, {"router", &layer.router}};
+    for (const auto& [name, span] : blocks) {
+      const int64_t rows = name == "router" ? c.experts : c.rows;
+      const std::string tensor = TensorName(l, name);
+      MEFT_RETURN_IF_ERROR(out.model->CheckTensor(tensor, st::DType::kF32, {rows, c.dim}));
+      MEFT_ASSIGN_OR_RETURN(*span, out.model->Data(tensor));
+    }
+    out.layers.push_back(layer);
+  }
+  return out;
 }
 
 absl::StatusOr<std::string> FindLatest(const std::string& root) {

@@ -11,11 +11,14 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "common/safetensors/safetensors.h"
 #include "param_server/store/layer_store.h"
 
 namespace meft::checkpoint {
@@ -72,6 +75,26 @@ absl::StatusOr<AdapterConfig> ReadConfig(const std::string& dir);
 // Reads and validates a checkpoint folder. Every error names the file and, where there is
 // one, the tensor or JSON field.
 absl::StatusOr<Loaded> Read(const std::string& dir);
+
+// The parameters of a checkpoint without its optimizer state, memory-mapped rather than copied
+// (for exporting an adapter: 4 bytes per parameter instead of the 16 of Read).
+struct ParameterView {
+  struct Layer {
+    uint32_t layer = 0;
+    // Little-endian fp32, row-major, views into `model`: keys and values [rows, dim], router
+    // [experts, dim]. No alignment guarantee.
+    std::span<const uint8_t> keys, values, router;
+  };
+  AdapterConfig config;
+  uint64_t step = 0;
+  std::unique_ptr<safetensors::File> model;  // owns the mapping the spans point into
+  std::vector<Layer> layers;                 // in config.layers order
+};
+
+// Reads adapter_config.json and trainer_state.json of a checkpoint folder and maps
+// adapter_model.safetensors, checking every layer's three tensors (dtype F32 and shape). Does
+// not open optimizer.safetensors. Errors name the file and the tensor or JSON field.
+absl::StatusOr<ParameterView> OpenParameters(const std::string& dir);
 
 // The newest complete checkpoint-<step>/ directly under `root`; NOT_FOUND if none.
 absl::StatusOr<std::string> FindLatest(const std::string& root);

@@ -201,6 +201,44 @@ TEST_F(CheckpointTest, KilledMidWriteNeverReplacesTheLastGoodOne) {
   EXPECT_EQ(checkpoint::Read(good_dir.string())->layers[0].keys.param, changed->keys.param);
 }
 
+// The parameters without the optimizer state, mapped: the bytes Read copies, for every layer.
+TEST_F(CheckpointTest, OpenParametersMapsWhatReadLoads) {
+  checkpoint::AdapterConfig config;
+  config.rows = 40;
+  config.dim = 6;
+  config.experts = 4;
+  config.mode = "union";
+  config.layers = {2, 7};
+  auto a = store::LayerStore::Create(2, 40, 6, 4, {.seed = 1});
+  auto b = store::LayerStore::Create(7, 40, 6, 4, {.seed = 2});
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(checkpoint::Write(root_.string(), 3, config, {&*a, &*b}).ok());
+  const std::string dir = (root_ / "checkpoint-3").string();
+  fs::remove(root_ / "checkpoint-3" / "optimizer.safetensors");  // not needed
+  auto view = checkpoint::OpenParameters(dir);
+  ASSERT_TRUE(view.ok()) << view.status();
+  EXPECT_EQ(view->step, 3u);
+  EXPECT_EQ(view->config.mode, "union");
+  ASSERT_EQ(view->layers.size(), 2u);
+  const store::LayerStore* stores[] = {&*a, &*b};
+  for (size_t i = 0; i < 2; ++i) {
+    const auto& l = view->layers[i];
+    EXPECT_EQ(l.layer, stores[i]->layer);
+    auto floats = [](std::span<const uint8_t> bytes) {
+      std::vector<float> out(bytes.size() / sizeof(float));
+      std::memcpy(out.data(), bytes.data(), bytes.size());
+      return out;
+    };
+    EXPECT_EQ(floats(l.keys), stores[i]->keys.param);
+    EXPECT_EQ(floats(l.values), stores[i]->values.param);
+    EXPECT_EQ(floats(l.router), stores[i]->router.param);
+  }
+  // A missing config field names the file and the field.
+  std::ofstream(root_ / "checkpoint-3" / "adapter_config.json") << R"({"format": "meft-adapter"})";
+  auto bad = checkpoint::OpenParameters(dir);
+  EXPECT_THAT(bad.status().message(), HasSubstr("adapter_config.json: missing field \"rows\""));
+}
+
 TEST_F(CheckpointTest, CorruptCheckpointsFailNamingFileAndTensor) {
   auto a = server::ParamServer::Create(Options(), nullptr);
   ASSERT_TRUE((*a)->SaveCheckpoint(root_.string()).ok());
