@@ -63,6 +63,7 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Create(
   if (options.layers.empty()) return absl::InvalidArgumentError("lora.layers: empty");
   try {
     auto a = std::unique_ptr<LoraAdapter>(new LoraAdapter());
+    a->options_ = options;
     a->scale_ = options.alpha / static_cast<double>(options.rank);
     torch::manual_seed(options.seed);
     for (int64_t l : options.layers) {

@@ -61,8 +61,11 @@ class LoraAdapter : public AdapterHooks {
   std::vector<torch::Tensor> parameters() const;
   // "layers.<l>.<projection>.lora_A" / "lora_B".
   std::vector<std::pair<std::string, torch::Tensor>> named_parameters() const;
+  // What Create was given (rank, alpha, targets, layers), for PEFT's adapter_config.json.
+  const LoraOptions& options() const { return options_; }
 
  private:
+  LoraOptions options_;
   double scale_ = 1.0;
   std::map<std::pair<int64_t, std::string>, std::pair<torch::Tensor, torch::Tensor>> ab_;
 };

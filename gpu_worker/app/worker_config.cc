@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -282,6 +283,11 @@ absl::StatusOr<std::unique_ptr<WorkerSession>> OpenSession(const WorkerConfig& c
     MEFT_ASSIGN_OR_RETURN(s->lora, LoraAdapter::Create(lo, shapes, device));
     s->target.hooks = s->lora.get();
     s->target.local = s->lora->named_parameters();
+    s->target.lora = s->lora.get();
+    // PEFT's base_model_name_or_path: absolute, so AutoPeftModel finds it from anywhere.
+    std::error_code error;
+    const std::filesystem::path absolute = std::filesystem::absolute(c.model_dir, error);
+    s->target.base_model = error ? c.model_dir : absolute.lexically_normal().string();
   }
   return s;
 }

@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -14,6 +15,7 @@
 #include "common/io/file_util.h"
 #include "common/safetensors/safetensors.h"
 #include "common/status.h"
+#include "gpu_worker/adapters/peft_format.h"
 #include "gpu_worker/client/sharded_param_client.h"
 #include "nlohmann/json.hpp"
 
@@ -320,9 +322,15 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
       RecordServerCheckpoints(server_path, &state);
       RecordServerCheckpoints(server_path, &config);
     } else {
+      NamedTensors adapter = target_.local;
+      if (target_.lora != nullptr) {
+        // PEFT's layout; meft's own record of the run is trainer_state.json.
+        MEFT_ASSIGN_OR_RETURN(adapter, ToPeftLoraTensors(target_.local));
+        config = PeftLoraConfig(target_.lora->options(), model_->config().num_hidden_layers,
+                                target_.base_model);
+      }
       MEFT_RETURN_IF_ERROR(
-          WriteTensors(absl::StrCat(tmp_dir, "/adapter_model.safetensors"), target_.local)
-              .status());
+          WriteTensors(absl::StrCat(tmp_dir, "/adapter_model.safetensors"), adapter).status());
       auto opt = adamw_->State();
       MEFT_RETURN_IF_ERROR(
           WriteTensors(absl::StrCat(tmp_dir, "/optimizer.safetensors"), opt).status());
@@ -373,6 +381,20 @@ absl::Status LoadAdapterCheckpoint(const std::string& dir, const TrainTarget& ta
   }
   const std::string model_path = absl::StrCat(dir, "/adapter_model.safetensors");
   MEFT_ASSIGN_OR_RETURN(auto params, ReadTensors(model_path));
+  if (target.lora != nullptr) {
+    const std::string config_path = absl::StrCat(dir, "/adapter_config.json");
+    MEFT_ASSIGN_OR_RETURN(const std::string config, io::ReadFile(config_path));
+    MEFT_ASSIGN_OR_RETURN(params, LoraTensorsFromCheckpoint(config, config_path, std::move(params),
+                                                            model_path, target.lora->options()));
+  }
+  for (const auto& [n, t] : params) {
+    if (std::none_of(target.local.begin(), target.local.end(),
+                     [&n](const auto& p) { return p.first == n; })) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(model_path, ": tensor \"", n, "\" is not a parameter of this run's ",
+                       target.adapter, " adapter (see adapter.layers and the adapter's settings)"));
+    }
+  }
   try {
     torch::NoGradGuard no_grad;
     for (const auto& [name, p] : target.local) {

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "gpu_worker/adapters/baselines.h"
 #include "gpu_worker/adapters/meft_adapter.h"
 #include "gpu_worker/data/dataset.h"
 #include "gpu_worker/model/llama.h"
@@ -23,13 +24,17 @@
 namespace meft::worker {
 
 // What is trained. For "meft", `meft` and `server` are set and the parameters live on the
-// server; for "parallel" and "lora", `local` holds the device parameters.
+// server; for "parallel" and "lora", `local` holds the device parameters. For "lora", `lora` is
+// set too: checkpoints are in PEFT's layout (gpu_worker/adapters/peft_format.h).
 struct TrainTarget {
   std::string adapter;            // "meft" | "parallel" | "lora"
   AdapterHooks* hooks = nullptr;  // passed to the model's Forward
   MeftAdapter* meft = nullptr;
   ParamClient* server = nullptr;
   std::vector<std::pair<std::string, torch::Tensor>> local;
+  const LoraAdapter* lora = nullptr;
+  // The model folder, written as PEFT's base_model_name_or_path ("" = null).
+  std::string base_model;
 };
 
 struct TrainerOptions {
@@ -107,8 +112,9 @@ class Trainer {
 };
 
 // Loads the adapter of a checkpoint-<step>/ folder written by Trainer::SaveCheckpoint into
-// `target`: the baselines' parameters are copied in; for MEFT the server restores the server
-// checkpoint recorded there. Errors name the file and tensor.
+// `target`: the baselines' parameters are copied in (a LoRA in PEFT's layout, checked against
+// target.lora's options, or in meft's older one); for MEFT the server restores the server
+// checkpoint recorded there. Errors name the file and the field or tensor.
 absl::Status LoadAdapterCheckpoint(const std::string& checkpoint_dir, const TrainTarget& target);
 
 // Mean cross-entropy of next-token prediction over labelled positions (labels != -100); the

@@ -27,6 +27,7 @@
 #include "gpu_worker/model/model_config.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/gpu_worker/smollm2_model.h"
 
 namespace meft::worker {
 namespace {
@@ -37,22 +38,6 @@ const std::string kGoldenDir = std::string(MEFT_GOLDEN_DIR) + "/transformers/smo
 
 // The bound the issue sets for fp32 logits against transformers.
 constexpr double kMaxLogitError = 1e-3;
-
-absl::StatusOr<std::string> ModelDir() {
-  const char* dir = std::getenv("MEFT_SMOLLM2_DIR");
-  if (dir == nullptr || *dir == '\0') {
-    return absl::FailedPreconditionError(
-        "MEFT_SMOLLM2_DIR is not set: run scripts/fetch-model.sh smollm2-135m and set it to the "
-        "folder it prints (scripts/test.sh does both, through the CMake cache variable "
-        "MEFT_SMOLLM2_DIR)");
-  }
-  if (!std::filesystem::exists(std::string(dir) + "/config.json")) {
-    return absl::NotFoundError(absl::StrCat("MEFT_SMOLLM2_DIR=", dir,
-                                            " has no config.json: run scripts/fetch-model.sh "
-                                            "smollm2-135m"));
-  }
-  return std::string(dir);
-}
 
 absl::StatusOr<json> ReadGoldenJson(const std::string& name) {
   const std::string path = kGoldenDir + "/" + name;
@@ -70,33 +55,7 @@ torch::Tensor Ids(const std::vector<int64_t>& ids) {
   return torch::tensor(ids, torch::kInt64).view({1, -1});
 }
 
-class SmolLM2Test : public ::testing::Test {
- protected:
-  // Loads the model once for the suite (fp32, CPU); a failure is reported by every test.
-  static void SetUpTestSuite() {
-    absl::StatusOr<std::string> dir = ModelDir();
-    if (!dir.ok()) {
-      *load_status_ = dir.status();
-      return;
-    }
-    absl::StatusOr<std::unique_ptr<LlamaModel>> model =
-        LlamaModel::Load(*dir, torch::Device(torch::kCPU), torch::kFloat32);
-    if (!model.ok()) {
-      *load_status_ = model.status();
-      return;
-    }
-    model_ = model->release();
-  }
-  static void TearDownTestSuite() {
-    delete model_;
-    model_ = nullptr;
-  }
-
-  void SetUp() override { ASSERT_NE(model_, nullptr) << *load_status_; }
-
-  static inline LlamaModel* model_ = nullptr;
-  static inline absl::Status* load_status_ = new absl::Status();
-};
+using SmolLM2Test = test_models::SmolLM2Suite;
 
 TEST_F(SmolLM2Test, ConfigAndParameterCount) {
   const ModelConfig& c = model_->config();

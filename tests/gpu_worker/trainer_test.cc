@@ -6,13 +6,18 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <span>
+#include <sstream>
 
+#include "common/safetensors/safetensors.h"
 #include "gmock/gmock.h"
 #include "gpu_worker/adapters/baselines.h"
 #include "gpu_worker/rpc/grpc_param_client.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "param_server/rpc/service.h"
 #include "param_server/server/param_server.h"
 #include "tests/gpu_worker/tiny_dataset.h"
@@ -116,6 +121,8 @@ std::unique_ptr<World> MakeWorld(const std::string& adapter,
         {{"q_proj", {d, c.num_attention_heads * c.head_dim}}, {"v_proj", {d, kv}}}, torch::kCPU);
     w->target.hooks = w->lora.get();
     w->target.local = w->lora->named_parameters();
+    w->target.lora = w->lora.get();
+    w->target.base_model = "llama_tiny";
   }
   return w;
 }
@@ -235,6 +242,181 @@ TEST(TrainerErrorTest, StopRequestEndsTheWaitForALostServer) {
   });
   EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
   EXPECT_THAT(r.status().message(), HasSubstr("stop requested at step 1"));
+}
+
+// The LoRA checkpoint is in PEFT's layout (names and adapter_config.json as PEFT 0.21.2 writes
+// them for LlamaForCausalLM; that PEFT loads it is smollm2_peft_test.cc's check), and a
+// checkpoint in meft's older layout (LoraAdapter's names, {"adapter": "lora"}), written here the
+// way earlier versions wrote it, still resumes bit-identically.
+class LoraCheckpointTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = fs::path(::testing::TempDir()) / ("meft_lora_ckpt_" + std::to_string(::getpid()));
+    fs::remove_all(root_);
+    fs::create_directories(root_);
+    o_.max_steps = 6;
+    o_.lr = 1e-2;
+    o_.warmup_ratio = 0.2;
+    o_.progress = false;
+    o_.save_every = 3;
+  }
+  void TearDown() override { fs::remove_all(root_); }
+
+  // Trains run "a" straight through, saving checkpoint-3 and checkpoint-6.
+  std::unique_ptr<World> TrainStraight() {
+    auto a = MakeWorld("lora");
+    o_.output_dir = (root_ / "a").string();
+    auto t = *Trainer::Create(a->model.get(), a->target, a->loader.get(), o_);
+    EXPECT_TRUE(t->Run().ok());
+    return a;
+  }
+
+  static std::span<const uint8_t> AsBytes(const torch::Tensor& t) {
+    return {static_cast<const uint8_t*>(t.data_ptr()), static_cast<size_t>(t.nbytes())};
+  }
+  static std::string Peft(int layer, const std::string& proj, const std::string& m) {
+    return "base_model.model.model.layers." + std::to_string(layer) + ".self_attn." + proj +
+           ".lora_" + m + ".weight";
+  }
+  static std::string Old(int layer, const std::string& proj, const std::string& m) {
+    return "layers." + std::to_string(layer) + "." + proj + ".lora_" + m;
+  }
+
+  fs::path root_;
+  TrainerOptions o_;
+};
+
+TEST_F(LoraCheckpointTest, WritesPeftLayout) {
+  auto a = TrainStraight();
+  const fs::path ckpt = root_ / "a" / "checkpoint-6";
+  auto file = *safetensors::File::Open((ckpt / "adapter_model.safetensors").string());
+  EXPECT_EQ(file->tensors().size(), 8u);
+  for (int l : {0, 1}) {
+    for (const std::string proj : {"q_proj", "v_proj"}) {
+      // A is [rank, in], B is [out, rank], as PEFT's nn.Linear weights.
+      EXPECT_TRUE(file->CheckTensor(Peft(l, proj, "A"), safetensors::DType::kF32, {4, 32}).ok());
+      EXPECT_TRUE(file->CheckTensor(Peft(l, proj, "B"), safetensors::DType::kF32,
+                                    {proj == "q_proj" ? 32 : 16, 4})
+                      .ok());
+    }
+  }
+  std::ifstream in(ckpt / "adapter_config.json");
+  const nlohmann::json config = nlohmann::json::parse(in);
+  EXPECT_EQ(config["peft_type"], "LORA");
+  EXPECT_EQ(config["task_type"], "CAUSAL_LM");
+  EXPECT_EQ(config["r"], 4);
+  EXPECT_EQ(config["lora_alpha"], 16);
+  EXPECT_EQ(config["target_modules"], nlohmann::json({"q_proj", "v_proj"}));
+  EXPECT_TRUE(config["layers_to_transform"].is_null());  // both layers of llama_tiny
+  EXPECT_EQ(config["base_model_name_or_path"], "llama_tiny");
+  EXPECT_FALSE(config.contains("adapter"));
+  std::ifstream state_in(ckpt / "trainer_state.json");
+  EXPECT_EQ(nlohmann::json::parse(state_in)["adapter"], "lora");
+}
+
+TEST_F(LoraCheckpointTest, ResumesFromOlderMeftLayout) {
+  auto a = TrainStraight();
+  // checkpoint-3 rewritten as meft wrote LoRA checkpoints before PEFT's layout.
+  const fs::path ckpt = root_ / "a" / "checkpoint-3";
+  const std::string model_path = (ckpt / "adapter_model.safetensors").string();
+  std::vector<torch::Tensor> keep;
+  std::vector<safetensors::TensorToWrite> old;
+  {
+    auto file = *safetensors::File::Open(model_path);
+    for (int l : {0, 1}) {
+      for (const std::string proj : {"q_proj", "v_proj"}) {
+        for (const std::string m : {"A", "B"}) {
+          const safetensors::TensorInfo* info = file->Find(Peft(l, proj, m));
+          ASSERT_NE(info, nullptr) << Peft(l, proj, m);
+          auto data = *file->Data(info->name);
+          keep.push_back(torch::empty(info->shape, torch::kFloat32));
+          std::memcpy(keep.back().data_ptr(), data.data(), data.size());
+          old.push_back(
+              {Old(l, proj, m), safetensors::DType::kF32, info->shape, AsBytes(keep.back())});
+        }
+      }
+    }
+  }
+  ASSERT_TRUE(safetensors::Write(model_path, old).ok());
+  std::ofstream(ckpt / "adapter_config.json") << "{\n  \"adapter\": \"lora\"\n}\n";
+
+  auto b = MakeWorld("lora");
+  o_.output_dir = (root_ / "b").string();
+  auto tb = *Trainer::Create(b->model.get(), b->target, b->loader.get(), o_);
+  const absl::Status resumed = tb->Resume(ckpt.string());
+  ASSERT_TRUE(resumed.ok()) << resumed;
+  EXPECT_EQ(tb->step(), 3);
+  ASSERT_TRUE(tb->Run().ok());
+  for (size_t i = 0; i < a->target.local.size(); ++i) {
+    EXPECT_TRUE(torch::equal(a->target.local[i].second, b->target.local[i].second))
+        << a->target.local[i].first;
+  }
+}
+
+TEST_F(LoraCheckpointTest, MismatchedCheckpointsAreClearErrors) {
+  auto a = TrainStraight();
+  const fs::path ckpt = root_ / "a" / "checkpoint-6";
+  const std::string config_path = (ckpt / "adapter_config.json").string();
+  std::ifstream in(config_path);
+  std::stringstream text;
+  text << in.rdbuf();
+  const nlohmann::json good = nlohmann::json::parse(text.str());
+  auto resume = [&](const nlohmann::json& config) {
+    std::ofstream(config_path) << config.dump();
+    auto b = MakeWorld("lora");
+    return LoadAdapterCheckpoint(ckpt.string(), b->target);
+  };
+  ASSERT_TRUE(resume(good).ok());
+
+  nlohmann::json alpha = good;
+  alpha["lora_alpha"] = 32;
+  absl::Status s = resume(alpha);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.message(), HasSubstr(config_path + ": field \"lora_alpha\" is 32"));
+
+  nlohmann::json layers = good;
+  layers["layers_to_transform"] = {0};
+  layers["layers_pattern"] = "layers";
+  s = resume(layers);
+  EXPECT_THAT(s.message(), HasSubstr("\"layers_to_transform\" is [0]"));
+
+  std::ofstream(config_path) << "{\"peft_type\": \"LORA\", ";
+  auto b = MakeWorld("lora");
+  s = LoadAdapterCheckpoint(ckpt.string(), b->target);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr(config_path + ": not a JSON object"));
+
+  // A LoRA on one layer only loaded by a run with two: the second layer's tensors are missing.
+  std::ofstream(config_path) << good.dump();
+  const std::string model_path = (ckpt / "adapter_model.safetensors").string();
+  std::vector<torch::Tensor> keep;
+  std::vector<safetensors::TensorToWrite> one_layer;
+  {
+    auto file = *safetensors::File::Open(model_path);
+    for (const safetensors::TensorInfo& info : file->tensors()) {
+      if (info.name.find("layers.1.") != std::string::npos) continue;
+      auto data = *file->Data(info.name);
+      keep.push_back(torch::empty(info.shape, torch::kFloat32));
+      std::memcpy(keep.back().data_ptr(), data.data(), data.size());
+      one_layer.push_back({info.name, info.dtype, info.shape, AsBytes(keep.back())});
+    }
+  }
+  ASSERT_TRUE(safetensors::Write(model_path, one_layer).ok());
+  s = LoadAdapterCheckpoint(ckpt.string(), b->target);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr(model_path + ": tensor \"layers.1."));
+  EXPECT_THAT(s.message(), HasSubstr("is missing"));
+
+  // A run with the LoRA on layer 0 alone does not silently drop the checkpoint's layer 1.
+  auto layer0 = *LoraAdapter::Create({.rank = 4, .layers = {0}},
+                                     {{"q_proj", {32, 32}}, {"v_proj", {32, 16}}}, torch::kCPU);
+  TrainTarget target;
+  target.adapter = "lora";
+  target.local = layer0->named_parameters();
+  target.lora = layer0.get();
+  s = LoadAdapterCheckpoint((root_ / "a" / "checkpoint-3").string(), target);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("tensor \"layers.1.q_proj.lora_A\" is not a parameter"));
 }
 
 }  // namespace
