@@ -4,11 +4,7 @@
 # the file and line for a missing or malformed train_log.jsonl.
 set -euo pipefail
 plot=$1
-if [ -z "${MEFT_VENV:-}" ] || [ ! -x "$MEFT_VENV/bin/python" ]; then
-  echo "MEFT_VENV='${MEFT_VENV:-}' is not a Python environment: run scripts/python-env.sh and" \
-       "configure with -DMEFT_VENV=<the path it prints> (scripts/test.sh does)" >&2
-  exit 1
-fi
+source "$(dirname "$0")/../require_venv.sh"
 py=$MEFT_VENV/bin/python
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
