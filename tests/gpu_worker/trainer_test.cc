@@ -281,17 +281,23 @@ std::vector<int64_t> Steps(const json& records) {
   return steps;
 }
 
+// Training into `output_dir` with a checkpoint every 3 steps.
+TrainerOptions LoggedRun(int64_t max_steps, int64_t log_every, const fs::path& output_dir) {
+  TrainerOptions o;
+  o.max_steps = max_steps;
+  o.log_every = log_every;
+  o.save_every = 3;
+  o.lr = 1e-2;
+  o.progress = false;
+  o.output_dir = output_dir.string();
+  return o;
+}
+
 class TrainLogTest : public ScratchTest {};
 
 TEST_F(TrainLogTest, LinesMatchTheReturnedStepStatsAndTheCheckpoints) {
   auto w = MakeWorld("parallel");
-  TrainerOptions o;
-  o.max_steps = 7;
-  o.log_every = 3;
-  o.save_every = 3;
-  o.lr = 1e-2;
-  o.progress = false;
-  o.output_dir = (root_ / "run").string();
+  const TrainerOptions o = LoggedRun(7, 3, root_ / "run");
   auto t = *Trainer::Create(w->model.get(), w->target, w->loader.get(), o);
   // Evaluation results at step 2 (not a logging step) and the time split at every step.
   auto history = t->Run([](StepStats& stats) -> absl::Status {
@@ -352,13 +358,7 @@ json WithoutTimings(json records) {
 
 TEST_P(TrainLogResumeTest, ResumeDropsLinesPastTheCheckpointAndContinuesTheFile) {
   const std::string adapter = GetParam();
-  TrainerOptions o;
-  o.max_steps = 6;
-  o.log_every = 1;
-  o.save_every = 3;
-  o.lr = 1e-2;
-  o.progress = false;
-  o.output_dir = (root_ / "run").string();
+  const TrainerOptions o = LoggedRun(6, 1, root_ / "run");
   const fs::path log = root_ / "run" / "train_log.jsonl";
   // A run that went on to step 6 after checkpoint-3 (as if it died after its last checkpoint).
   auto a = MakeWorld(adapter, (root_ / "server").string());
