@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -28,6 +29,7 @@
 #include "gpu_worker/eval/evaluate.h"
 #include "gpu_worker/eval/generate.h"
 #include "gpu_worker/facts/make_facts.h"
+#include "gpu_worker/train/run_folder.h"
 #include "spdlog/spdlog.h"
 
 namespace {
@@ -40,7 +42,8 @@ constexpr char kUsage[] =
     "commands:\n"
     "  make-facts  write the synthetic facts benchmark, a tiny tokenizer and a tiny LLaMA\n"
     "  train       fine-tune an adapter (--config run.yaml, --resume checkpoint-<step>)\n"
-    "  eval        answer data.eval and score it (--checkpoint checkpoint-<step>)\n"
+    "  eval        answer data.eval and score it (--checkpoint checkpoint-<step>; default: the\n"
+    "              newest in output_dir)\n"
     "  generate    answer one prompt (--prompt TEXT)\n"
     "  export      write a meft or parallel adapter for python/ (--checkpoint DIR --output DIR)\n";
 
@@ -56,9 +59,10 @@ void EvaluationMode(WorkerSession& s, int64_t step) {
   if (s.meft) s.meft->BeginMicroBatch(static_cast<uint64_t>(step), 0, /*training=*/false);
 }
 
+// `checkpoint`: the one evaluated, for metrics.json ("" = none).
 absl::StatusOr<meft::worker::EvaluateResult> RunEvaluation(
     WorkerSession& s, const WorkerConfig& c, const std::vector<meft::worker::Example>& examples,
-    const std::string& output_dir, int64_t limit, int64_t step) {
+    const std::string& output_dir, int64_t limit, int64_t step, const std::string& checkpoint) {
   MEFT_ASSIGN_OR_RETURN(meft::worker::EvaluateOptions options,
                         meft::worker::MakeEvaluateOptions(c));
   options.output_dir = output_dir;
@@ -66,6 +70,7 @@ absl::StatusOr<meft::worker::EvaluateResult> RunEvaluation(
   options.metadata = {{"model_dir", c.model_dir},
                       {"adapter", c.adapter},
                       {"data", c.eval_file},
+                      {"checkpoint", checkpoint.empty() ? "none" : checkpoint},
                       {"step", absl::StrCat(step)}};
   EvaluationMode(s, step);
   return meft::worker::Evaluate(*s.model, *s.tokenizer, examples, s.formatter, options,
@@ -92,12 +97,45 @@ void InstallStopHandler() {
 
 // --checkpoint names an adapter to load, which the bare model does not have.
 absl::Status CheckCheckpointWanted(const WorkerConfig& c, const std::string& checkpoint) {
-  if (c.adapter == "none" && !checkpoint.empty()) {
+  if (c.adapter == "none" && !checkpoint.empty() && checkpoint != "none") {
     return absl::InvalidArgumentError(absl::StrCat(
         "--checkpoint ", checkpoint,
         ": adapter.type is none (the bare model); set adapter.type to the checkpoint's adapter"));
   }
   return absl::OkStatus();
+}
+
+// What eval and generate run, said in a log line: the adapter of --checkpoint PATH; with
+// --checkpoint none the untrained adapter (meft: the parameter server's current state); without
+// --checkpoint the newest checkpoint-<step> in output_dir, or the untrained adapter when there is
+// none. adapter.type none loads nothing. Returns the checkpoint loaded ("" = none).
+absl::StatusOr<std::string> LoadEvaluatedAdapter(WorkerSession& s, const WorkerConfig& c,
+                                                 const std::string& checkpoint) {
+  if (c.adapter == "none") return std::string();
+  const std::string untrained =
+      c.adapter == "meft" ? "the parameter server's current state" : "the untrained adapter";
+  std::string path = checkpoint;
+  if (path == "none") {
+    spdlog::info("--checkpoint none: using {}", untrained);
+    return std::string();
+  }
+  if (path.empty()) {
+    MEFT_ASSIGN_OR_RETURN(path, meft::worker::NewestCheckpoint(c.output_dir));
+    if (path.empty()) {
+      spdlog::info("no checkpoint-<step> in output_dir {}: using {}",
+                   c.output_dir.empty() ? "(not set)" : c.output_dir, untrained);
+      return std::string();
+    }
+    spdlog::info("using {}, the newest checkpoint in output_dir (--checkpoint none for {})", path,
+                 untrained);
+  } else {
+    spdlog::info("using {}", path);
+  }
+  const absl::Status loaded = meft::worker::LoadAdapterCheckpoint(path, s.target);
+  if (!loaded.ok()) {
+    return absl::Status(loaded.code(), absl::StrCat("checkpoint ", path, ": ", loaded.message()));
+  }
+  return path;
 }
 
 absl::Status Train(const WorkerConfig& c, const std::string& resume) {
@@ -153,7 +191,7 @@ absl::Status Train(const WorkerConfig& c, const std::string& resume) {
                c.adapter, loader->num_examples(), loader->batches_per_epoch(), c.max_steps,
                c.micro_batch_size, c.grad_accum);
   MEFT_ASSIGN_OR_RETURN(
-      auto history, trainer->Run([&](const meft::worker::StepStats& stats) -> absl::Status {
+      auto history, trainer->Run([&](meft::worker::StepStats& stats) -> absl::Status {
         meft::worker::ServerTimings timings = server_meter.Take();
         if (s->meft) {
           // With overlap the client's calls run partly in the background; the adapter knows how
@@ -163,10 +201,16 @@ absl::Status Train(const WorkerConfig& c, const std::string& resume) {
           timings.transfer_seconds = adapter.transfer_seconds;
         }
         worker_metrics.RecordStep(stats, timings);
+        // The same split as the meft_worker_*_seconds metrics, for train_log.jsonl.
+        stats.extra["wait_seconds"] = timings.wait_seconds;
+        stats.extra["transfer_seconds"] = timings.transfer_seconds;
+        stats.extra["compute_seconds"] =
+            std::max(0.0, stats.seconds - timings.wait_seconds - timings.transfer_seconds);
         if (c.eval_every == 0 || stats.step % c.eval_every != 0) return absl::OkStatus();
-        MEFT_ASSIGN_OR_RETURN(auto result,
-                              RunEvaluation(*s, c, eval_examples, "", c.eval_limit, stats.step));
+        MEFT_ASSIGN_OR_RETURN(
+            auto result, RunEvaluation(*s, c, eval_examples, "", c.eval_limit, stats.step, ""));
         PrintSummary(result.summary, absl::StrCat("eval at step ", stats.step));
+        for (const auto& [name, mean] : result.summary.means) stats.extra["eval_" + name] = mean;
         return absl::OkStatus();
       }));
   if (stop_requested.load()) spdlog::info("stopped by a signal at step {}", trainer->step());
@@ -186,8 +230,7 @@ absl::Status Eval(const WorkerConfig& c, const std::string& checkpoint, std::str
                   int64_t limit) {
   MEFT_RETURN_IF_ERROR(CheckCheckpointWanted(c, checkpoint));
   MEFT_ASSIGN_OR_RETURN(auto s, meft::worker::OpenSession(c));
-  if (!checkpoint.empty())
-    MEFT_RETURN_IF_ERROR(meft::worker::LoadAdapterCheckpoint(checkpoint, s->target));
+  MEFT_ASSIGN_OR_RETURN(const std::string loaded, LoadEvaluatedAdapter(*s, c, checkpoint));
   MEFT_ASSIGN_OR_RETURN(auto examples, meft::worker::LoadJsonl(c.eval_file));
   if (output.empty()) output = absl::StrCat(c.output_dir, "/eval");
   int64_t step = 0;
@@ -195,7 +238,7 @@ absl::Status Eval(const WorkerConfig& c, const std::string& checkpoint, std::str
     MEFT_ASSIGN_OR_RETURN(auto server, s->client->Describe());
     step = static_cast<int64_t>(server.step);
   }
-  MEFT_ASSIGN_OR_RETURN(auto result, RunEvaluation(*s, c, examples, output, limit, step));
+  MEFT_ASSIGN_OR_RETURN(auto result, RunEvaluation(*s, c, examples, output, limit, step, loaded));
   PrintSummary(result.summary, absl::StrCat("eval of ", c.eval_file));
   std::printf("predictions: %s/predictions.jsonl, metrics: %s/metrics.json\n", output.c_str(),
               output.c_str());
@@ -206,8 +249,7 @@ absl::Status Generate(const WorkerConfig& c, const std::string& checkpoint,
                       const std::string& prompt, const std::string& input) {
   MEFT_RETURN_IF_ERROR(CheckCheckpointWanted(c, checkpoint));
   MEFT_ASSIGN_OR_RETURN(auto s, meft::worker::OpenSession(c));
-  if (!checkpoint.empty())
-    MEFT_RETURN_IF_ERROR(meft::worker::LoadAdapterCheckpoint(checkpoint, s->target));
+  MEFT_RETURN_IF_ERROR(LoadEvaluatedAdapter(*s, c, checkpoint).status());
   meft::worker::Example example;
   example.instruction = prompt;
   example.input = input;
@@ -283,9 +325,10 @@ int RunWithConfig(const std::string& command, int argc, char** argv) {
   if (command == "train") {
     app.add_option("--resume", resume, "continue from this checkpoint-<step> folder");
   } else {
-    app.add_option(
-        "--checkpoint", checkpoint,
-        "load the adapter of this checkpoint-<step> folder (meft: the server restores it)");
+    app.add_option("--checkpoint", checkpoint,
+                   "load the adapter of this checkpoint-<step> folder (meft: the server restores "
+                   "it); default: the newest in output_dir; none: the untrained adapter (meft: "
+                   "the server's current state)");
   }
   if (command == "eval") {
     app.add_option("--output", output,

@@ -40,7 +40,7 @@ worker() { "$worker_bin" "$1" --config scripts/quickstart.yaml --meft-server "12
 em() { sed -n 's/.*nq_substring_em = \([0-9.e-]*\).*/\1/p'; }
 
 echo "== evaluate before training"
-before=$(worker eval --output runs/quickstart/eval-before | tee /dev/stderr | em)
+before=$(worker eval --checkpoint none --output runs/quickstart/eval-before | tee /dev/stderr | em)
 echo "== train"
 start=$(date +%s)
 worker train

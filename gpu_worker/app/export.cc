@@ -18,6 +18,7 @@
 #include "common/safetensors/safetensors.h"
 #include "common/status.h"
 #include "gpu_worker/app/worker_config.h"
+#include "gpu_worker/train/run_folder.h"
 #include "nlohmann/json.hpp"
 #include "param_server/checkpoint/checkpoint.h"
 
@@ -38,18 +39,6 @@ absl::StatusOr<json> ReadJsonObject(const std::string& path) {
   return j;
 }
 
-// A path recorded in a worker checkpoint: absolute, or relative to the run folder holding the
-// checkpoint (DESIGN §5), or else to the working directory (where a server started there wrote
-// it).
-std::string ResolveRecordedPath(const std::string& checkpoint, const std::string& recorded) {
-  namespace fs = std::filesystem;
-  const fs::path p(recorded);
-  if (p.is_absolute()) return recorded;
-  const fs::path in_run = fs::path(checkpoint).parent_path() / p;
-  if (io::PathExists(in_run.string())) return in_run.string();
-  return recorded;
-}
-
 // The server checkpoint folders a worker checkpoint records ("server_checkpoint" or
 // "server_checkpoints").
 absl::StatusOr<std::vector<std::string>> ServerCheckpoints(const std::string& checkpoint,
@@ -59,7 +48,7 @@ absl::StatusOr<std::vector<std::string>> ServerCheckpoints(const std::string& ch
   if (state.contains("server_checkpoints")) {
     const json& list = state["server_checkpoints"];
     for (const json& p : list.is_array() ? list : json::array()) {
-      if (p.is_string()) paths.push_back(ResolveRecordedPath(checkpoint, p.get<std::string>()));
+      if (p.is_string()) paths.push_back(ResolveRecordedPath(p.get<std::string>(), checkpoint));
     }
     if (!list.is_array() || paths.size() != list.size() || paths.empty()) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -74,7 +63,7 @@ absl::StatusOr<std::vector<std::string>> ServerCheckpoints(const std::string& ch
                      "the parameter server's checkpoint there)"));
   }
   return std::vector<std::string>{
-      ResolveRecordedPath(checkpoint, state["server_checkpoint"].get<std::string>())};
+      ResolveRecordedPath(state["server_checkpoint"].get<std::string>(), checkpoint)};
 }
 
 // One tensor of the export: name, shape and fp32 bytes (borrowed from a mapped file).

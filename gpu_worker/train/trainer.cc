@@ -17,6 +17,8 @@
 #include "common/status.h"
 #include "gpu_worker/adapters/peft_format.h"
 #include "gpu_worker/client/sharded_param_client.h"
+#include "gpu_worker/train/run_folder.h"
+#include "gpu_worker/train/train_log.h"
 #include "nlohmann/json.hpp"
 
 namespace meft::worker {
@@ -66,9 +68,10 @@ absl::StatusOr<std::vector<std::pair<std::string, torch::Tensor>>> ReadTensors(
 }
 
 // One parameter server: "server_checkpoint": PATH; several shards: "server_checkpoints":
-// [PATH, ...] in meft.servers order.
-void RecordServerCheckpoints(const std::string& joined, json* out) {
-  const std::vector<std::string> paths = SplitShardCheckpoints(joined);
+// [PATH, ...] in meft.servers order. Paths under `run_dir` are recorded relative to it.
+void RecordServerCheckpoints(const std::string& joined, const std::string& run_dir, json* out) {
+  std::vector<std::string> paths = SplitShardCheckpoints(joined);
+  for (std::string& path : paths) path = RecordPath(path, run_dir);
   if (paths.size() == 1) {
     (*out)["server_checkpoint"] = paths[0];
   } else {
@@ -94,7 +97,15 @@ std::pair<torch::Tensor, int64_t> CausalLmLoss(const torch::Tensor& logits,
 
 Trainer::Trainer(const LlamaModel* model, TrainTarget target, DataLoader* loader,
                  TrainerOptions options)
-    : model_(model), target_(std::move(target)), loader_(loader), options_(std::move(options)) {}
+    : model_(model),
+      target_(std::move(target)),
+      loader_(loader),
+      options_(std::move(options)),
+      log_(std::make_unique<TrainLog>(
+          options_.output_dir.empty() ? ""
+                                      : absl::StrCat(options_.output_dir, "/", kTrainLogFile))) {}
+
+Trainer::~Trainer() = default;
 
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const LlamaModel* model,
                                                          TrainTarget target, DataLoader* loader,
@@ -191,7 +202,7 @@ absl::StatusOr<StepStats> Trainer::TrainStepOrError() {
 }
 
 absl::StatusOr<std::vector<StepStats>> Trainer::Run(
-    const std::function<absl::Status(const StepStats&)>& after_step) {
+    const std::function<absl::Status(StepStats&)>& after_step) {
   if (target_.adapter == "meft") {
     MEFT_ASSIGN_OR_RETURN(const ServerDescription server, target_.server->Describe());
     if (static_cast<int64_t>(server.step) != step_) {
@@ -200,6 +211,7 @@ absl::StatusOr<std::vector<StepStats>> Trainer::Run(
           step_, ": start the server fresh, or resume from the matching checkpoint"));
     }
   }
+  MEFT_RETURN_IF_ERROR(log_->Open());
   std::vector<StepStats> history;
   const bool tty = ::isatty(STDERR_FILENO) != 0;
   const auto start = Clock::now();
@@ -252,7 +264,7 @@ absl::StatusOr<std::vector<StepStats>> Trainer::Run(
       continue;
     }
     progressed = true;
-    const StepStats stats = *attempt;
+    StepStats& stats = *attempt;
     history.push_back(stats);
     tokens += stats.tokens;
     smoothed = history.size() == 1 ? stats.loss : 0.9 * smoothed + 0.1 * stats.loss;
@@ -285,6 +297,16 @@ absl::StatusOr<std::vector<StepStats>> Trainer::Run(
         continue;
       }
     }
+    history.back().extra = stats.extra;
+    const bool evaluated = std::any_of(stats.extra.begin(), stats.extra.end(),
+                                       [](const auto& e) { return e.first.rfind("eval_", 0) == 0; });
+    if (log_now || evaluated) {
+      const DataPosition at = loader_->position();
+      const double epoch = static_cast<double>(at.epoch) +
+                           static_cast<double>(at.index) /
+                               static_cast<double>(std::max<int64_t>(1, loader_->batches_per_epoch()));
+      MEFT_RETURN_IF_ERROR(log_->Append(LogRecord(stats, epoch)));
+    }
     const bool save_now = options_.save_every > 0 && step_ % options_.save_every == 0;
     if (!options_.output_dir.empty() && (save_now || step_ == options_.max_steps)) {
       absl::StatusOr<std::string> path = SaveCheckpoint();
@@ -312,6 +334,7 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
                 {"max_steps", options_.max_steps},
                 {"grad_accum", options_.grad_accum},
                 {"lr", options_.lr},
+                {"log_history", log_->history()},
                 {"writer", "meft-worker"}};
   json config = {{"adapter", target_.adapter}};
   try {
@@ -319,8 +342,8 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint() {
       MEFT_RETURN_IF_ERROR(target_.meft->WaitForStep());
       // The adapter itself lives on the server: it writes its own checkpoint-<step>/.
       MEFT_ASSIGN_OR_RETURN(const std::string server_path, target_.server->SaveCheckpoint(""));
-      RecordServerCheckpoints(server_path, &state);
-      RecordServerCheckpoints(server_path, &config);
+      RecordServerCheckpoints(server_path, options_.output_dir, &state);
+      RecordServerCheckpoints(server_path, options_.output_dir, &config);
     } else {
       NamedTensors adapter = target_.local;
       if (target_.lora != nullptr) {
@@ -365,7 +388,7 @@ absl::Status LoadAdapterCheckpoint(const std::string& dir, const TrainTarget& ta
       const json& list = state["server_checkpoints"];
       std::vector<std::string> paths;
       for (const json& p : list.is_array() ? list : json::array()) {
-        if (p.is_string()) paths.push_back(p.get<std::string>());
+        if (p.is_string()) paths.push_back(ResolveRecordedPath(p.get<std::string>(), dir));
       }
       if (!list.is_array() || paths.size() != list.size() || paths.empty()) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -377,7 +400,8 @@ absl::Status LoadAdapterCheckpoint(const std::string& dir, const TrainTarget& ta
       return absl::InvalidArgumentError(
           absl::StrCat(state_path, ": field \"server_checkpoint\" is missing"));
     }
-    return target.server->RestoreCheckpoint(state["server_checkpoint"].get<std::string>());
+    return target.server->RestoreCheckpoint(
+        ResolveRecordedPath(state["server_checkpoint"].get<std::string>(), dir));
   }
   const std::string model_path = absl::StrCat(dir, "/adapter_model.safetensors");
   MEFT_ASSIGN_OR_RETURN(auto params, ReadTensors(model_path));
@@ -434,6 +458,7 @@ absl::Status Trainer::Resume(const std::string& dir) {
     }
   }
   const int64_t step = state["global_step"].get<int64_t>();
+  MEFT_ASSIGN_OR_RETURN(json log_history, ReadLogHistory(state, state_path, step));
   MEFT_RETURN_IF_ERROR(LoadAdapterCheckpoint(dir, target_));
   if (adamw_ != nullptr) {
     MEFT_ASSIGN_OR_RETURN(auto opt, ReadTensors(absl::StrCat(dir, "/optimizer.safetensors")));
@@ -444,6 +469,7 @@ absl::Status Trainer::Resume(const std::string& dir) {
   }
   MEFT_RETURN_IF_ERROR(
       loader_->Seek(state["epoch"].get<int64_t>(), state["batch_index"].get<int64_t>()));
+  MEFT_RETURN_IF_ERROR(log_->Restart(std::move(log_history)));
   step_ = step;
   return absl::OkStatus();
 }

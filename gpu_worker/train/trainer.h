@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -46,7 +47,8 @@ struct TrainerOptions {
   AdamWOptions adamw;          // baselines only (MEFT's Adam runs on the server)
   int64_t log_every = 10;      // steps between log lines (and progress updates off a TTY)
   int64_t save_every = 0;      // steps between checkpoints; 0 = only at the end
-  std::string output_dir;      // checkpoint-<step>/ folders go here ("" = no checkpoints)
+  // checkpoint-<step>/ folders and train_log.jsonl go here ("" = neither)
+  std::string output_dir;
   bool progress = true;        // progress bar on stderr
   // meft: when the parameter server goes away mid-training, how long to wait for it (exponential
   // backoff) before resuming from output_dir/checkpoint-<the step it restarted at>/; 0 = fail.
@@ -64,7 +66,12 @@ struct StepStats {
   double lr = 0.0;
   int64_t tokens = 0;
   double seconds = 0.0;
+  // More figures for this step's record in the training history (train_log.h), added by Run's
+  // `after_step`; keys starting with "eval_" are evaluation results.
+  std::map<std::string, double> extra;
 };
+
+class TrainLog;
 
 class Trainer {
  public:
@@ -73,21 +80,29 @@ class Trainer {
                                                          TrainTarget target, DataLoader* loader,
                                                          TrainerOptions options);
 
+  ~Trainer();
+
   // Continues from a checkpoint-<step>/ folder written by SaveCheckpoint: the step, the data
-  // position, the baselines' parameters and AdamW state; for MEFT the server is told to restore
-  // the server checkpoint recorded there.
+  // position, the baselines' parameters and AdamW state, and the training history; for MEFT the
+  // server is told to restore the server checkpoint recorded there. With output_dir set,
+  // output_dir/train_log.jsonl is rewritten to the checkpoint's log_history: lines of steps after
+  // it (a run that died after its last checkpoint) are dropped, and Run appends from there.
   absl::Status Resume(const std::string& checkpoint_dir);
 
   // Trains from step() to max_steps. `after_step` (may be empty) runs after every optimizer step
-  // (evaluation hooks); an error from it stops training. Checkpoints every save_every steps and
+  // (evaluation hooks) and may add figures to the step's `extra`; an error from it stops training.
+  // Then the step is recorded in the training history (train_log.h) when it is a log_every-th
+  // step, the last one, or after_step added an "eval_" figure; with output_dir set, its line is
+  // appended to output_dir/train_log.jsonl (a run from step 0 starts that file afresh). Checkpoints every save_every steps and
   // at the end when output_dir is set. Returns the per-step statistics of this run. With
   // reconnect_timeout_seconds, a parameter server lost during a step, its background Step,
   // after_step or a checkpoint is waited for and training resumes (RecoverFromServerLoss); a
   // second recovery to the same step without progress fails instead.
   absl::StatusOr<std::vector<StepStats>> Run(
-      const std::function<absl::Status(const StepStats&)>& after_step = {});
+      const std::function<absl::Status(StepStats&)>& after_step = {});
 
-  // Writes output_dir/checkpoint-<step()>/ atomically; returns its path.
+  // Writes output_dir/checkpoint-<step()>/ atomically, its trainer_state.json carrying the
+  // training history so far as "log_history"; returns its path.
   absl::StatusOr<std::string> SaveCheckpoint();
 
   int64_t step() const { return step_; }
@@ -108,13 +123,15 @@ class Trainer {
   DataLoader* loader_;
   TrainerOptions options_;
   std::unique_ptr<DeviceAdamW> adamw_;
+  std::unique_ptr<TrainLog> log_;
   int64_t step_ = 0;
 };
 
 // Loads the adapter of a checkpoint-<step>/ folder written by Trainer::SaveCheckpoint into
 // `target`: the baselines' parameters are copied in (a LoRA in PEFT's layout, checked against
 // target.lora's options, or in meft's older one); for MEFT the server restores the server
-// checkpoint recorded there. Errors name the file and the field or tensor.
+// checkpoint recorded there (a relative path is relative to the checkpoint's run folder, see
+// run_folder.h). Errors name the file and the field or tensor.
 absl::Status LoadAdapterCheckpoint(const std::string& checkpoint_dir, const TrainTarget& target);
 
 // Mean cross-entropy of next-token prediction over labelled positions (labels != -100); the

@@ -3,11 +3,7 @@
 # the Python environment $MEFT_VENV; fails, naming what is missing, when either is not set up.
 set -euo pipefail
 check=$1
-if [ -z "${MEFT_VENV:-}" ] || [ ! -x "$MEFT_VENV/bin/python" ]; then
-  echo "MEFT_VENV='${MEFT_VENV:-}' is not a Python environment: run scripts/python-env.sh and" \
-       "configure with -DMEFT_VENV=<the path it prints> (scripts/test.sh does)" >&2
-  exit 1
-fi
+source "$(dirname "$0")/../require_venv.sh"
 if [ -z "${MEFT_SMOLLM2_DIR:-}" ] || [ ! -f "$MEFT_SMOLLM2_DIR/config.json" ]; then
   echo "MEFT_SMOLLM2_DIR='${MEFT_SMOLLM2_DIR:-}' has no config.json: run" \
        "scripts/fetch-model.sh smollm2-135m and configure with -DMEFT_SMOLLM2_DIR=<the path it" \

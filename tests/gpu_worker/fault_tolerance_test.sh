@@ -7,8 +7,9 @@
 #   3. SIGTERM on the worker writes a checkpoint and exits 0; --resume continues from it;
 #   4. two server processes owning layers 0-1 and 2-3 (meft.servers).
 # The final adapter and optimizer state (the server's checkpoint-30) and the worker's final
-# trainer_state.json must be byte-identical to the reference's (the sharded run's tensors, which
-# lie in two files, tensor by tensor).
+# trainer_state.json (its log_history's timings aside) must be byte-identical to the reference's
+# (the sharded run's tensors, which lie in two files, tensor by tensor), and train_log.jsonl must
+# hold every logged step once.
 # Usage: fault_tolerance_test.sh MEFT_WORKER MEFT_PARAM_SERVER
 set -euo pipefail
 worker=$1
@@ -84,8 +85,10 @@ train_in_background() {
   worker_pid=$!
 }
 
+# trainer_state.json without the log_history figures that are timings (they differ from run to run).
+untimed() { grep -Ev '"(compute_seconds|step_seconds|tokens_per_second|transfer_seconds|wait_seconds)":' "$1"; }
 # same_result RUN: the run's final checkpoints equal the reference's (paths of the run's own
-# folders replaced by the reference's in trainer_state.json).
+# folders replaced by the reference's in trainer_state.json, timings left out).
 same_result() {
   local run=$1
   cmp -s "$dir/ref/server/checkpoint-30/adapter_model.safetensors" \
@@ -94,9 +97,13 @@ same_result() {
   cmp -s "$dir/ref/server/checkpoint-30/optimizer.safetensors" \
     "$dir/$run/server/checkpoint-30/optimizer.safetensors" ||
     fail "$run: final optimizer state differs from the uninterrupted run"
-  sed "s#$dir/$run/#$dir/ref/#g" "$dir/$run/out/checkpoint-30/trainer_state.json" |
-    cmp -s - "$dir/ref/out/checkpoint-30/trainer_state.json" ||
+  untimed "$dir/$run/out/checkpoint-30/trainer_state.json" | sed "s#$dir/$run/#$dir/ref/#g" |
+    cmp -s - <(untimed "$dir/ref/out/checkpoint-30/trainer_state.json") ||
     fail "$run: final trainer_state.json differs from the uninterrupted run"
+  local want got
+  want=$(grep -o '"step":[0-9]*' "$dir/ref/out/train_log.jsonl" | tr '\n' ' ')
+  got=$(grep -o '"step":[0-9]*' "$dir/$run/out/train_log.jsonl" | tr '\n' ' ')
+  [ "$got" = "$want" ] || fail "$run: train_log.jsonl steps '$got', the reference's '$want'"
 }
 
 # 0. The reference.

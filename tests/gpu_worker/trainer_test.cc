@@ -16,6 +16,8 @@
 #include "gmock/gmock.h"
 #include "gpu_worker/adapters/baselines.h"
 #include "gpu_worker/rpc/grpc_param_client.h"
+#include "gpu_worker/train/run_folder.h"
+#include "gpu_worker/train/train_log.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "param_server/rpc/service.h"
@@ -27,6 +29,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
+using nlohmann::json;
 
 TEST(AdamWTest, EqualsTorchOptimAdamW) {
   torch::manual_seed(1);
@@ -417,6 +420,239 @@ TEST_F(LoraCheckpointTest, MismatchedCheckpointsAreClearErrors) {
   s = LoadAdapterCheckpoint((root_ / "a" / "checkpoint-3").string(), target);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(s.message(), HasSubstr("tensor \"layers.1.q_proj.lora_A\" is not a parameter"));
+}
+
+// A scratch folder per test, removed afterwards.
+class ScratchTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    root_ = fs::path(::testing::TempDir()) /
+            (std::string("meft_") + info->test_suite_name() + "_" + info->name() + "_" +
+             std::to_string(::getpid()));
+    fs::remove_all(root_);
+    fs::create_directories(root_);
+  }
+  void TearDown() override { fs::remove_all(root_); }
+  fs::path root_;
+};
+
+// Every line of a JSONL file, parsed (a test failure for a line that is not JSON).
+json ReadJsonLines(const fs::path& path) {
+  json lines = json::array();
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    json parsed = json::parse(line, nullptr, /*allow_exceptions=*/false);
+    EXPECT_FALSE(parsed.is_discarded()) << path << ": " << line;
+    lines.push_back(parsed);
+  }
+  return lines;
+}
+
+json ReadJson(const fs::path& path) {
+  std::ifstream in(path);
+  return json::parse(in, nullptr, /*allow_exceptions=*/false);
+}
+
+std::vector<int64_t> Steps(const json& records) {
+  std::vector<int64_t> steps;
+  for (const json& r : records) steps.push_back(r.value("step", int64_t{-1}));
+  return steps;
+}
+
+// Training into `output_dir` with a checkpoint every 3 steps.
+TrainerOptions LoggedRun(int64_t max_steps, int64_t log_every, const fs::path& output_dir) {
+  TrainerOptions o;
+  o.max_steps = max_steps;
+  o.log_every = log_every;
+  o.save_every = 3;
+  o.lr = 1e-2;
+  o.progress = false;
+  o.output_dir = output_dir.string();
+  return o;
+}
+
+class TrainLogTest : public ScratchTest {};
+
+TEST_F(TrainLogTest, LinesMatchTheReturnedStepStatsAndTheCheckpoints) {
+  auto w = MakeWorld("parallel");
+  const TrainerOptions o = LoggedRun(7, 3, root_ / "run");
+  auto t = *Trainer::Create(w->model.get(), w->target, w->loader.get(), o);
+  // Evaluation results at step 2 (not a logging step) and the time split at every step.
+  auto history = t->Run([](StepStats& stats) -> absl::Status {
+    stats.extra["wait_seconds"] = 0.5 * stats.seconds;
+    if (stats.step == 2) stats.extra["eval_nq_substring_em"] = 0.25;
+    return absl::OkStatus();
+  });
+  ASSERT_TRUE(history.ok()) << history.status();
+  ASSERT_EQ(history->size(), 7u);
+
+  const json lines = ReadJsonLines(root_ / "run" / "train_log.jsonl");
+  ASSERT_EQ(Steps(lines), (std::vector<int64_t>{2, 3, 6, 7}));
+  for (const json& line : lines) {
+    const StepStats& s = (*history)[line["step"].get<int64_t>() - 1];
+    ASSERT_EQ(s.step, line["step"].get<int64_t>());
+    for (const char* key : {"loss", "learning_rate", "grad_norm", "epoch", "step_seconds",
+                            "tokens_per_second", "wait_seconds"}) {
+      ASSERT_TRUE(line.contains(key) && line[key].is_number()) << key << " in " << line;
+      EXPECT_TRUE(std::isfinite(line[key].get<double>())) << key << " in " << line;
+    }
+    EXPECT_EQ(line["loss"].get<double>(), s.loss);
+    EXPECT_EQ(line["learning_rate"].get<double>(), s.lr);
+    EXPECT_EQ(line["grad_norm"].get<double>(), s.grad_norm);
+    EXPECT_EQ(line["tokens"].get<int64_t>(), s.tokens);
+    EXPECT_EQ(line["step_seconds"].get<double>(), s.seconds);
+    EXPECT_DOUBLE_EQ(line["tokens_per_second"].get<double>(),
+                     static_cast<double>(s.tokens) / s.seconds);
+    EXPECT_EQ(line["wait_seconds"].get<double>(), 0.5 * s.seconds);
+    // 12 examples in micro-batches of 4: 3 optimizer steps per epoch.
+    EXPECT_DOUBLE_EQ(line["epoch"].get<double>(), static_cast<double>(s.step) / 3.0);
+    EXPECT_EQ(line.contains("eval_nq_substring_em"), s.step == 2) << line;
+    EXPECT_EQ(s.extra.count("eval_nq_substring_em") == 1, s.step == 2);
+  }
+  EXPECT_EQ(lines[0]["eval_nq_substring_em"].get<double>(), 0.25);
+  EXPECT_GT(lines[0]["loss"].get<double>(), 0.0);
+
+  // Each checkpoint carries the file's lines up to its step.
+  for (int64_t step : {3, 6, 7}) {
+    const json state =
+        ReadJson(root_ / "run" / ("checkpoint-" + std::to_string(step)) / "trainer_state.json");
+    json want = json::array();
+    for (const json& line : lines) {
+      if (line["step"].get<int64_t>() <= step) want.push_back(line);
+    }
+    EXPECT_EQ(state["log_history"], want) << "checkpoint-" << step;
+  }
+}
+
+class TrainLogResumeTest : public ResumeTest {};
+
+// The figures that do not depend on timing.
+json WithoutTimings(json records) {
+  for (json& r : records) {
+    for (const char* key : {"step_seconds", "tokens_per_second"}) r.erase(key);
+  }
+  return records;
+}
+
+TEST_P(TrainLogResumeTest, ResumeDropsLinesPastTheCheckpointAndContinuesTheFile) {
+  const std::string adapter = GetParam();
+  const TrainerOptions o = LoggedRun(6, 1, root_ / "run");
+  const fs::path log = root_ / "run" / "train_log.jsonl";
+  // A run that went on to step 6 after checkpoint-3 (as if it died after its last checkpoint).
+  auto a = MakeWorld(adapter, (root_ / "server").string());
+  auto ta = *Trainer::Create(a->model.get(), a->target, a->loader.get(), o);
+  ASSERT_TRUE(ta->Run().ok());
+  const json straight = ReadJsonLines(log);
+  ASSERT_EQ(Steps(straight), (std::vector<int64_t>{1, 2, 3, 4, 5, 6}));
+
+  auto b = MakeWorld(adapter, (root_ / "server").string());
+  auto tb = *Trainer::Create(b->model.get(), b->target, b->loader.get(), o);
+  ASSERT_TRUE(tb->Resume((root_ / "run" / "checkpoint-3").string()).ok());
+  const json resumed = ReadJsonLines(log);
+  ASSERT_EQ(Steps(resumed), (std::vector<int64_t>{1, 2, 3}));
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(resumed[i], straight[i]) << i;
+
+  ASSERT_TRUE(tb->Run().ok());
+  const json continued = ReadJsonLines(log);
+  ASSERT_EQ(Steps(continued), (std::vector<int64_t>{1, 2, 3, 4, 5, 6}));
+  // Resume is bit-identical, so are the logged figures.
+  EXPECT_EQ(WithoutTimings(continued), WithoutTimings(straight));
+  const json state = ReadJson(root_ / "run" / "checkpoint-6" / "trainer_state.json");
+  EXPECT_EQ(state["log_history"], continued);
+}
+
+INSTANTIATE_TEST_SUITE_P(Adapters, TrainLogResumeTest, ::testing::Values("meft", "parallel"));
+
+TEST_F(TrainLogTest, BadLogHistoryIsAClearError) {
+  auto w = MakeWorld("parallel");
+  TrainerOptions o;
+  o.progress = false;
+  auto t = *Trainer::Create(w->model.get(), w->target, w->loader.get(), o);
+  const fs::path dir = root_ / "checkpoint-2";
+  fs::create_directories(dir);
+  for (const std::string history : {R"("log_history": {})", R"("log_history": [{"loss": 1.0}])",
+                                    R"("log_history": [{"step": 3}])"}) {
+    std::ofstream(dir / "trainer_state.json")
+        << R"({"global_step": 2, "epoch": 0, "batch_index": 2, "adapter": "parallel", )"
+        << history << "}";
+    const absl::Status s = t->Resume(dir.string());
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << history;
+    EXPECT_THAT(s.message(), HasSubstr("trainer_state.json: field \"log_history\"")) << history;
+  }
+}
+
+class RunFolderTest : public ScratchTest {};
+
+TEST_F(RunFolderTest, NewestCheckpointIgnoresPartialAndForeignFolders) {
+  EXPECT_EQ(*NewestCheckpoint((root_ / "missing").string()), "");
+  EXPECT_EQ(*NewestCheckpoint(root_.string()), "");
+  for (const char* name :
+       {"checkpoint-3", "checkpoint-12", "checkpoint-40.tmp-99", "checkpoint-050", "eval"}) {
+    fs::create_directories(root_ / name);
+    std::ofstream(root_ / name / "trainer_state.json") << "{}";
+  }
+  fs::create_directories(root_ / "checkpoint-30");  // no trainer_state.json
+  EXPECT_EQ(*NewestCheckpoint(root_.string()), (root_ / "checkpoint-12").string());
+}
+
+TEST(RunFolderPathTest, RecordedPathsAreRelativeToTheRunFolderWhenUnderIt) {
+  EXPECT_EQ(RecordPath("/data/run/server/checkpoint-5", "/data/run"), "server/checkpoint-5");
+  EXPECT_EQ(RecordPath("/data/run/server/checkpoint-5", "/data/run/"), "server/checkpoint-5");
+  EXPECT_EQ(RecordPath("/data/run2/checkpoint-5", "/data/run"), "/data/run2/checkpoint-5");
+  EXPECT_EQ(RecordPath("/srv/meft/checkpoint-5", "/data/run"), "/srv/meft/checkpoint-5");
+  EXPECT_EQ(RecordPath("/data/run", "/data/run"), "/data/run");
+  EXPECT_EQ(RecordPath(fs::absolute("out/server/checkpoint-5").string(), "out"),
+            "server/checkpoint-5");
+
+  EXPECT_EQ(ResolveRecordedPath("server/checkpoint-5", "/moved/run/checkpoint-5"),
+            "/moved/run/server/checkpoint-5");
+  EXPECT_EQ(ResolveRecordedPath("server/checkpoint-5", "/moved/run/checkpoint-5/"),
+            "/moved/run/server/checkpoint-5");
+  EXPECT_EQ(ResolveRecordedPath("/srv/meft/checkpoint-5", "/moved/run/checkpoint-5"),
+            "/srv/meft/checkpoint-5");
+  EXPECT_EQ(ResolveRecordedPath("server/checkpoint-5", "run/checkpoint-5"),
+            (fs::current_path() / "run" / "server" / "checkpoint-5").string());
+}
+
+class MovedRunTest : public ScratchTest {};
+
+TEST_F(MovedRunTest, ServerCheckpointUnderTheRunFolderMovesWithIt) {
+  TrainerOptions o;
+  o.max_steps = 3;
+  o.lr = 1e-2;
+  o.progress = false;
+  o.output_dir = (root_ / "run").string();
+  auto a = MakeWorld("meft", (root_ / "run" / "server").string());
+  auto ta = *Trainer::Create(a->model.get(), a->target, a->loader.get(), o);
+  ASSERT_TRUE(ta->Run().ok());
+  for (const char* file : {"trainer_state.json", "adapter_config.json"}) {
+    EXPECT_EQ(ReadJson(root_ / "run" / "checkpoint-3" / file)["server_checkpoint"],
+              "server/checkpoint-3")
+        << file;
+  }
+  fs::rename(root_ / "run", root_ / "moved");
+  // A fresh server confined to the moved folder restores the moved checkpoint.
+  auto b = MakeWorld("meft", (root_ / "moved" / "server").string());
+  ASSERT_NE(a->server->StateDigest(), b->server->StateDigest());
+  const absl::Status loaded =
+      LoadAdapterCheckpoint((root_ / "moved" / "checkpoint-3").string(), b->target);
+  ASSERT_TRUE(loaded.ok()) << loaded;
+  EXPECT_EQ(a->server->StateDigest(), b->server->StateDigest());
+}
+
+TEST_F(MovedRunTest, ServerCheckpointOutsideTheRunFolderStaysAbsolute) {
+  TrainerOptions o;
+  o.max_steps = 1;
+  o.progress = false;
+  o.output_dir = (root_ / "run").string();
+  auto a = MakeWorld("meft", (root_ / "server").string());
+  auto ta = *Trainer::Create(a->model.get(), a->target, a->loader.get(), o);
+  ASSERT_TRUE(ta->Run().ok());
+  const json state = ReadJson(root_ / "run" / "checkpoint-1" / "trainer_state.json");
+  EXPECT_EQ(state["server_checkpoint"],
+            fs::weakly_canonical(root_ / "server" / "checkpoint-1").string());
 }
 
 }  // namespace
