@@ -8,6 +8,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <random>
@@ -92,7 +93,7 @@ bool IsArenaName(std::string_view name) {
   return true;
 }
 
-absl::StatusOr<std::unique_ptr<Arena>> Arena::Create(uint64_t size) {
+absl::StatusOr<std::unique_ptr<Arena>> Arena::Create(uint64_t size, const io::HostMemory* host) {
   if (size <= kHeaderBytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("shared-memory arena: size ", size, " must exceed ", kHeaderBytes, " bytes"));
@@ -106,6 +107,18 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Create(uint64_t size) {
           "shared-memory arena: ", size >> 20, " MiB do not fit /dev/shm (", avail >> 20,
           " MiB free); make the arena smaller or /dev/shm larger (docker: --shm-size)"));
     }
+  }
+  absl::StatusOr<io::HostMemory> detected = io::HostMemory{};
+  if (host == nullptr) {
+    detected = io::DetectHostMemory();
+    if (detected.ok()) host = &*detected;
+  }
+  if (host != nullptr && static_cast<uint64_t>(std::max<int64_t>(0, host->bytes)) < size) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "shared-memory arena: ", size >> 20, " MiB exceed the memory this host can give (",
+        io::FormatBytes(host->bytes), ": ", host->source,
+        "); its pages are memory (pinned for CUDA): set meft.shm_arena_mb smaller or use "
+        "meft.transport: grpc"));
   }
   std::random_device rd;
   std::string name;

@@ -18,6 +18,7 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "common/io/host_memory.h"
 
 namespace meft::shm {
 
@@ -49,9 +50,12 @@ class Arena {
   // "/meft-<pid>-<random>" of `size` bytes (> kHeaderBytes), reserves all of its pages
   // (posix_fallocate: tmpfs reserves nothing on ftruncate, and touching a page beyond its limit
   // would kill the process with SIGBUS), maps it and writes a random nonce into the header.
-  // Fails with RESOURCE_EXHAUSTED naming /dev/shm when the pages cannot be reserved. The creator
-  // unlinks the name on destruction.
-  static absl::StatusOr<std::unique_ptr<Arena>> Create(uint64_t size);
+  // Fails with RESOURCE_EXHAUSTED naming /dev/shm when the pages cannot be reserved, and when
+  // `size` exceeds what the host can give (`host`, or io::DetectHostMemory when null; the check
+  // is skipped if detection fails): tmpfs pages are memory, which /dev/shm's own size may
+  // overstate. The creator unlinks the name on destruction.
+  static absl::StatusOr<std::unique_ptr<Arena>> Create(uint64_t size,
+                                                       const io::HostMemory* host = nullptr);
   // Maps `size` bytes of the existing object `name` (the attaching side; never unlinks it).
   // INVALID_ARGUMENT for a bad name, NOT_FOUND when no such object exists here, OUT_OF_RANGE
   // when the object is smaller than `size`, FAILED_PRECONDITION when fewer than `size` bytes of

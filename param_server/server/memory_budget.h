@@ -8,9 +8,14 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/io/host_memory.h"
 #include "param_server/server/param_server.h"
 
 namespace meft::server {
+
+using io::DetectHostMemory;
+using io::FormatBytes;
+using io::HostMemory;
 
 // Bytes one cached training lookup of `num_tokens` tokens can hold at most: x in fp32, the mask,
 // the selection (rows, four int32/fp32 values per slot, experts, per-expert load), bookkeeping.
@@ -34,23 +39,8 @@ struct MemoryPrediction {
 
 MemoryPrediction PredictMemory(const ServerOptions& options, bool restoring);
 
-// What this process may still allocate: the smaller of /proc/meminfo's MemAvailable and, under a
-// cgroup with a memory limit, that limit minus the cgroup's current use (cgroup v2 memory.max and
-// memory.current, or v1 memory.limit_in_bytes and memory.usage_in_bytes). `source` says which.
-struct HostMemory {
-  int64_t bytes = 0;
-  std::string source;
-};
-
-// `proc` and `cgroup_root` are /proc and /sys/fs/cgroup except in tests.
-absl::StatusOr<HostMemory> DetectHostMemory(const std::string& proc = "/proc",
-                                            const std::string& cgroup_root = "/sys/fs/cgroup");
-
 // OK when `need` fits in `host`; otherwise RESOURCE_EXHAUSTED with one line naming the need (and
 // its parts), the limit and the settings that change either.
 absl::Status CheckMemoryAdmission(const MemoryPrediction& need, const HostMemory& host);
-
-// "1.50 GiB", "12.0 MiB", "512 B".
-std::string FormatBytes(int64_t bytes);
 
 }  // namespace meft::server

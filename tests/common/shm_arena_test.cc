@@ -83,6 +83,18 @@ TEST(ShmArenaTest, CreateRefusesMoreThanDevShmHolds) {
   EXPECT_THAT(std::string(huge.status().message()), HasSubstr("/dev/shm"));
 }
 
+// tmpfs may be sized beyond the memory behind it: the arena is also checked against what the
+// host (or its cgroup) can give.
+TEST(ShmArenaTest, CreateRefusesMoreThanTheHostCanGive) {
+  const io::HostMemory host{1 << 20, "a test limit"};
+  auto refused = Arena::Create(2 << 20, &host);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("2 MiB exceed the memory this host can give (1.0 MiB: a test limit)"));
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("meft.shm_arena_mb"));
+  EXPECT_TRUE(Arena::Create(4096, &host).ok());
+}
+
 bool ShmExists(const std::string& name) {
   const int fd = ::shm_open(name.c_str(), O_RDONLY, 0);
   if (fd >= 0) ::close(fd);

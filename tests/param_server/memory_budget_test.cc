@@ -1,14 +1,9 @@
 // Host memory admission (server/memory_budget.h): the prediction against what a created store
-// really allocates, detection of the host's and a cgroup's limits from fake /proc and
-// /sys/fs/cgroup trees, the refusal message, the lookup cache budget, and allocation failures
-// that become RESOURCE_EXHAUSTED with the state unchanged.
+// really allocates, and the refusal message. (The lookup cache budget and allocation failures are
+// in param_server_test.cc, detection of the host's limits in tests/common/host_memory_test.cc.)
 
 #include "param_server/server/memory_budget.h"
 
-#include <unistd.h>
-
-#include <filesystem>
-#include <fstream>
 #include <string>
 
 #include "gmock/gmock.h"
@@ -19,7 +14,6 @@ namespace meft::server {
 namespace {
 
 using ::testing::HasSubstr;
-namespace fs = std::filesystem;
 
 ServerOptions Small() {
   ServerOptions o;
@@ -73,78 +67,19 @@ TEST(MemoryBudgetTest, SevenBillionShape) {
   EXPECT_NEAR(static_cast<double>(p.store_bytes) / params, 16.0, 0.01);
 }
 
-class HostMemoryTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    root_ = fs::temp_directory_path() / ("meft_host_memory_" + std::to_string(::getpid()));
-    fs::remove_all(root_);
-    fs::create_directories(root_ / "proc/self");
-    Write("proc/meminfo", "MemTotal:       24000000 kB\nMemAvailable:   16000000 kB\n");
-  }
-  void TearDown() override { fs::remove_all(root_); }
-  void Write(const std::string& rel, const std::string& text) {
-    fs::create_directories((root_ / rel).parent_path());
-    std::ofstream(root_ / rel) << text;
-  }
-  absl::StatusOr<HostMemory> Detect() {
-    return DetectHostMemory((root_ / "proc").string(), (root_ / "cgroup").string());
-  }
-  fs::path root_;
-};
-
-TEST_F(HostMemoryTest, MemAvailableWithoutACgroupLimit) {
-  auto h = Detect();  // no /proc/self/cgroup at all
-  ASSERT_TRUE(h.ok()) << h.status();
-  EXPECT_EQ(h->bytes, 16000000LL * 1024);
-  EXPECT_THAT(h->source, HasSubstr("MemAvailable"));
-  Write("proc/self/cgroup", "0::/job\n");
-  Write("cgroup/job/memory.max", "max\n");
-  h = Detect();
-  ASSERT_TRUE(h.ok()) << h.status();
-  EXPECT_EQ(h->bytes, 16000000LL * 1024);
-}
-
-TEST_F(HostMemoryTest, CgroupV2LimitMinusUsageOfTheTightestAncestor) {
-  Write("proc/self/cgroup", "0::/a/b\n");
-  Write("cgroup/a/b/memory.max", "max\n");
-  Write("cgroup/a/memory.max", std::to_string(3LL << 30) + "\n");
-  Write("cgroup/a/memory.current", std::to_string(1LL << 30) + "\n");
-  auto h = Detect();
-  ASSERT_TRUE(h.ok()) << h.status();
-  EXPECT_EQ(h->bytes, 2LL << 30);
-  EXPECT_THAT(h->source, HasSubstr("cgroup/a/memory.max (3.00 GiB)"));
-  EXPECT_EQ(CheckMemoryAdmission({.store_bytes = 2LL << 30}, *h).code(), absl::StatusCode::kOk);
+// The refusal names the need with its parts, the limit with its source, and the settings.
+TEST(MemoryBudgetTest, AdmissionRefusesWhatDoesNotFit) {
+  const HostMemory host{2LL << 30, "a test limit"};
+  EXPECT_EQ(CheckMemoryAdmission({.store_bytes = 2LL << 30}, host).code(), absl::StatusCode::kOk);
   const absl::Status refused = CheckMemoryAdmission(
-      {.store_bytes = 2LL << 30, .lookup_cache_bytes = 1 << 20, .restore_bytes = 0}, *h);
+      {.store_bytes = 2LL << 30, .lookup_cache_bytes = 1 << 20, .restore_bytes = 4096}, host);
   EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(refused.message(), HasSubstr("needs 2.00 GiB"));
   EXPECT_THAT(refused.message(), HasSubstr("lookup cache 1.0 MiB"));
-  EXPECT_THAT(refused.message(), HasSubstr("can give 2.00 GiB (cgroup"));
+  EXPECT_THAT(refused.message(), HasSubstr("checkpoint being restored 4.0 KiB"));
+  EXPECT_THAT(refused.message(), HasSubstr("can give 2.00 GiB (a test limit)"));
   EXPECT_THAT(refused.message(), HasSubstr("memory_limit_mb"));
 }
-
-TEST_F(HostMemoryTest, CgroupV1MemoryController) {
-  Write("proc/self/cgroup", "5:cpu,cpuacct:/x\n4:memory:/job\n0::/\n");
-  Write("cgroup/memory/memory.limit_in_bytes", "9223372036854771712\n");  // v1's "no limit"
-  Write("cgroup/memory/job/memory.limit_in_bytes", std::to_string(1LL << 30) + "\n");
-  Write("cgroup/memory/job/memory.usage_in_bytes", std::to_string(256LL << 20) + "\n");
-  auto h = Detect();
-  ASSERT_TRUE(h.ok()) << h.status();
-  EXPECT_EQ(h->bytes, 768LL << 20);
-  EXPECT_THAT(h->source, HasSubstr("memory.limit_in_bytes"));
-}
-
-TEST_F(HostMemoryTest, CorruptFilesAreNamed) {
-  Write("proc/self/cgroup", "0::/job\n");
-  Write("cgroup/job/memory.max", "lots\n");
-  auto h = Detect();
-  EXPECT_EQ(h.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(h.status().message(), HasSubstr("job/memory.max: expected a byte count"));
-  Write("proc/meminfo", "MemTotal: 1 kB\n");
-  h = Detect();
-  EXPECT_THAT(h.status().message(), HasSubstr("meminfo: no MemAvailable line"));
-}
-
 
 }  // namespace
 }  // namespace meft::server
