@@ -4,7 +4,10 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
+#include <ctime>
 #include <memory>
 #include <optional>
 #include <string>
@@ -150,8 +153,18 @@ absl::Status Run(const ServerConfig& config, const sigset_t& stop_signals) {
   spdlog::info("shared-memory arenas from workers on this host: {}",
                meft::rpc::ShmAttachAllowed(rpc_options) ? "accepted" : "refused (shm.attach)");
 
-  int signal_number = 0;
-  sigwait(&stop_signals, &signal_number);
+  // Wait for a stop signal; meanwhile, every few seconds, unmap the arenas of workers that left.
+  int signal_number = -1;
+  while (signal_number < 0) {
+    const timespec sweep_period{.tv_sec = 2, .tv_nsec = 0};
+    signal_number = sigtimedwait(&stop_signals, nullptr, &sweep_period);
+    if (signal_number < 0 && errno != EAGAIN && errno != EINTR) {
+      return absl::InternalError(absl::StrCat("sigtimedwait: ", std::strerror(errno)));
+    }
+    if (const size_t released = running->ReleaseUnlinkedArenas(); released > 0) {
+      spdlog::debug("released {} shared-memory arena(s) of workers that left", released);
+    }
+  }
   spdlog::info("{} received: shutting down", strsignal(signal_number));
   server->BeginShutdown();  // release lookups waiting for a Step
   running->Shutdown(/*grace_seconds=*/5.0);

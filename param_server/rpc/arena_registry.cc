@@ -62,6 +62,11 @@ absl::StatusOr<std::shared_ptr<const shm::Arena>> ArenaRegistry::Find(uint64_t i
   return it->second.arena;
 }
 
+size_t ArenaRegistry::ReleaseUnlinked() {
+  std::lock_guard lock(mu_);
+  return std::erase_if(by_id_, [](const auto& entry) { return entry.second.arena->Unlinked(); });
+}
+
 size_t ArenaRegistry::size() const {
   std::lock_guard lock(mu_);
   return by_id_.size();

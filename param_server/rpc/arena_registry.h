@@ -35,6 +35,11 @@ class ArenaRegistry {
   // The arena `id`; FAILED_PRECONDITION "arena_id: arena not attached ..." when unknown.
   absl::StatusOr<std::shared_ptr<const shm::Arena>> Find(uint64_t id) const;
 
+  // Unmaps the arenas whose object was unlinked (their worker exited, or a later worker removed
+  // them as orphaned), so that a worker that left does not keep its pages pinned until the next
+  // Attach; requests still using one keep it alive until they finish. Returns how many.
+  size_t ReleaseUnlinked();
+
   size_t size() const;
 
  private:

@@ -201,6 +201,8 @@ class RunningServer::Service final : public v1::ParamServer::Service {
     ready_.store(true, std::memory_order_release);
   }
 
+  size_t ReleaseUnlinkedArenas() { return arenas_.ReleaseUnlinked(); }
+
   grpc::Status ServerInfo(grpc::ServerContext* context, const v1::ServerInfoRequest* request,
                           v1::ServerInfoResponse* response) override {
     return Handle(context, "ServerInfo", *request, response, [&]() -> absl::Status {
@@ -375,5 +377,7 @@ void RunningServer::SetReady(server::ParamServer* domain) {
     health->SetServingStatus(kServiceName, true);
   }
 }
+
+size_t RunningServer::ReleaseUnlinkedArenas() { return service_->ReleaseUnlinkedArenas(); }
 
 }  // namespace meft::rpc

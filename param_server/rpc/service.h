@@ -59,6 +59,9 @@ class RunningServer {
   // Before, every meft.v1.ParamServer call gets UNAVAILABLE "store loading" and health says
   // NOT_SERVING. Call once.
   void SetReady(server::ParamServer* domain);
+  // Unmaps shared-memory arenas whose workers are gone (ArenaRegistry::ReleaseUnlinked); call it
+  // now and then. Returns how many.
+  size_t ReleaseUnlinkedArenas();
 
  private:
   friend absl::StatusOr<std::unique_ptr<RunningServer>> StartServer(const RpcOptions&,

@@ -404,6 +404,30 @@ TEST(ArenaRegistryTest, AttachDropsArenasWhoseNameIsGone) {
   EXPECT_TRUE(registry.Find(*kept_id).ok());
 }
 
+TEST(ArenaRegistryTest, ReleaseUnlinkedUnmapsArenasOfWorkersThatLeft) {
+  rpc::ArenaRegistry registry;
+  auto gone = shm::Arena::Create(4096);
+  ASSERT_TRUE(gone.ok());
+  auto gone_id = registry.Attach((*gone)->name(), 4096, (*gone)->Nonce());
+  ASSERT_TRUE(gone_id.ok()) << gone_id.status();
+  auto kept = shm::Arena::Create(4096);
+  ASSERT_TRUE(kept.ok());
+  auto kept_id = registry.Attach((*kept)->name(), 4096, (*kept)->Nonce());
+  ASSERT_TRUE(kept_id.ok()) << kept_id.status();
+  EXPECT_EQ(registry.ReleaseUnlinked(), 0u);
+  // A request in flight holds the arena it uses.
+  auto in_flight = registry.Find(*gone_id);
+  ASSERT_TRUE(in_flight.ok());
+  // The worker exits (its arena unlinks its name); no other worker attaches afterwards.
+  gone->reset();
+  EXPECT_EQ(registry.ReleaseUnlinked(), 1u);
+  EXPECT_EQ(registry.size(), 1u);
+  EXPECT_EQ(registry.Find(*gone_id).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(registry.Find(*kept_id).ok());
+  EXPECT_EQ((*in_flight)->size(), 4096u);  // still mapped for the request that holds it
+  EXPECT_EQ(registry.ReleaseUnlinked(), 0u);
+}
+
 TEST(ShmAttachPolicyTest, AutoOnlyOnLoopback) {
   rpc::RpcOptions o;
   o.listen = "127.0.0.1:1";
