@@ -10,6 +10,7 @@
 #include "common/io/file_util.h"
 #include "common/status.h"
 #include "gpu_worker/client/retry.h"
+#include "gpu_worker/train/run_folder.h"
 #include "gpu_worker/train/trainer.h"
 
 namespace meft::worker {
@@ -19,8 +20,14 @@ absl::Status Trainer::RecoverFromServerLoss(const absl::Status& failure,
   if (target_.adapter != "meft" || options_.reconnect_timeout_seconds <= 0) return failure;
   // A failure of the step's own (bad data, a server-side error) leaves the server up at this
   // step; a lost server is unreachable, or answers again from an earlier step.
+  // A call past its deadline counts as unreachable too: a cut network shows as that (the
+  // connection stays up while nothing crosses it), and which of the step's calls the server
+  // applied is then unknown, so the run rolls back to a checkpoint like after a restart.
+  const auto unreachable = [](const absl::Status& s) {
+    return absl::IsUnavailable(s) || absl::IsDeadlineExceeded(s);
+  };
   const absl::StatusOr<uint64_t> probe = target_.server->RestartStep();
-  const bool lost = absl::IsUnavailable(failure) || absl::IsUnavailable(probe.status()) ||
+  const bool lost = unreachable(failure) || unreachable(probe.status()) ||
                     (probe.ok() && static_cast<int64_t>(*probe) != step_);
   if (!lost) return failure;
   std::fprintf(stderr, "\nparameter server lost at step %lld: %s\n", static_cast<long long>(step_),
@@ -46,7 +53,12 @@ absl::Status Trainer::RecoverFromServerLoss(const absl::Status& failure,
   const absl::Status back = RetryWhileUnavailable(
       [&]() -> absl::Status {
         if (stop_requested()) return absl::CancelledError("stop requested");
-        MEFT_ASSIGN_OR_RETURN(server_step, target_.server->RestartStep());
+        absl::StatusOr<uint64_t> answered = target_.server->RestartStep();
+        if (absl::IsDeadlineExceeded(answered.status())) {
+          return absl::UnavailableError(answered.status().message());  // retried like it
+        }
+        MEFT_RETURN_IF_ERROR(answered.status());
+        server_step = *answered;
         return absl::OkStatus();
       },
       backoff,
@@ -65,13 +77,22 @@ absl::Status Trainer::RecoverFromServerLoss(const absl::Status& failure,
                                      "meft.reconnect_timeout_seconds = ",
                                      options_.reconnect_timeout_seconds, ": ", back.message()));
   }
-  const std::string dir = absl::StrCat(options_.output_dir, "/checkpoint-", server_step);
-  if (options_.output_dir.empty() || !io::PathExists(absl::StrCat(dir, "/trainer_state.json"))) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("the parameter server came back at step ", server_step,
-                     " but training was at step ", step_, " and there is no worker checkpoint ",
-                     options_.output_dir.empty() ? "(output_dir is not set)" : dir,
-                     " to resume from; restart the server from a checkpoint the worker also has"));
+  // Resume from the worker's newest checkpoint at or before the server's step: the one the
+  // server restarted from, or, when the server never went away (a cut network, a call past its
+  // deadline), the last one written; the servers restore the matching checkpoint of theirs.
+  std::string dir;
+  if (!options_.output_dir.empty()) {
+    MEFT_ASSIGN_OR_RETURN(dir, NewestCheckpoint(options_.output_dir,
+                                                static_cast<int64_t>(server_step)));
+  }
+  if (dir.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the parameter server came back at step ", server_step, " but training was at step ",
+        step_, " and there is no worker checkpoint ",
+        options_.output_dir.empty()
+            ? "(output_dir is not set)"
+            : absl::StrCat("at or before step ", server_step, " in ", options_.output_dir),
+        " to resume from; restart the server from a checkpoint the worker also has"));
   }
   std::fprintf(stderr, "server back at step %llu; resuming from %s\n",
                static_cast<unsigned long long>(server_step), dir.c_str());

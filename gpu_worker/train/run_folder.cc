@@ -27,7 +27,7 @@ fs::path Normalized(const std::string& path) {
 
 }  // namespace
 
-absl::StatusOr<std::string> NewestCheckpoint(const std::string& run_dir) {
+absl::StatusOr<std::string> NewestCheckpoint(const std::string& run_dir, int64_t at_most) {
   if (run_dir.empty() || !io::PathExists(run_dir)) return std::string();
   MEFT_ASSIGN_OR_RETURN(const std::vector<std::string> names, io::ListDirectory(run_dir));
   constexpr absl::string_view kPrefix = "checkpoint-";
@@ -39,7 +39,8 @@ absl::StatusOr<std::string> NewestCheckpoint(const std::string& run_dir) {
         absl::StrCat(kPrefix, step) != name) {
       continue;  // "checkpoint-3.tmp-12", "checkpoint-007", other files
     }
-    if (step > newest && io::PathExists(absl::StrCat(run_dir, "/", name, "/trainer_state.json"))) {
+    if (step > newest && (at_most < 0 || step <= at_most) &&
+        io::PathExists(absl::StrCat(run_dir, "/", name, "/trainer_state.json"))) {
       newest = step;
     }
   }

@@ -4,6 +4,7 @@
 // the paths they record (a MEFT run's server checkpoints), which are relative to the run folder
 // when they lie under it so that the folder can move.
 
+#include <cstdint>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -13,8 +14,8 @@ namespace meft::worker {
 // The checkpoint-<step>/ folder directly in `run_dir` with the highest step that holds a
 // trainer_state.json; "" when there is none or `run_dir` does not exist. Other names, such as
 // folders still being written (checkpoint-<step>.tmp-<pid>), are ignored. Errors: `run_dir`
-// cannot be listed.
-absl::StatusOr<std::string> NewestCheckpoint(const std::string& run_dir);
+// cannot be listed. `at_most` >= 0 leaves out checkpoints of later steps.
+absl::StatusOr<std::string> NewestCheckpoint(const std::string& run_dir, int64_t at_most = -1);
 
 // How a checkpoint in `run_dir` records `path`: relative to `run_dir` when `path` lies under it
 // (both made absolute against the current directory and normalized); unchanged otherwise (e.g. a

@@ -595,6 +595,9 @@ TEST_F(RunFolderTest, NewestCheckpointIgnoresPartialAndForeignFolders) {
   }
   fs::create_directories(root_ / "checkpoint-30");  // no trainer_state.json
   EXPECT_EQ(*NewestCheckpoint(root_.string()), (root_ / "checkpoint-12").string());
+  EXPECT_EQ(*NewestCheckpoint(root_.string(), /*at_most=*/12), (root_ / "checkpoint-12").string());
+  EXPECT_EQ(*NewestCheckpoint(root_.string(), /*at_most=*/11), (root_ / "checkpoint-3").string());
+  EXPECT_EQ(*NewestCheckpoint(root_.string(), /*at_most=*/2), "");
 }
 
 TEST(RunFolderPathTest, RecordedPathsAreRelativeToTheRunFolderWhenUnderIt) {
