@@ -21,6 +21,8 @@ packages=(
   prometheus curl python3 python3-yaml docker-compose
   # TLS tests generate certificates
   openssl
+  # the cut-network test (tests/system/) joins two network namespaces with a veth pair
+  iproute2
   # tokenizer.json: pre-tokenizer regexes (Unicode classes) and Unicode normalizers (NFC, NFKC, ...)
   libpcre2-dev libicu-dev
   # scripts/python-env.sh: the pinned virtual environment of the tools around meft

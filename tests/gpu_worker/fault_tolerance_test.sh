@@ -14,49 +14,11 @@
 set -euo pipefail
 worker=$1
 server_bin=$2
+source "$(dirname "$0")/../system/lib.sh"
 dir=$(mktemp -d)
-declare -A server_pids=()
-worker_pid=""
-cleanup() {
-  for name in "${!server_pids[@]}"; do kill -9 "${server_pids[$name]}" 2>/dev/null || true; done
-  [ -n "$worker_pid" ] && kill -9 "$worker_pid" 2>/dev/null
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
 trap cleanup EXIT
-fail() {
-  echo "FAIL: $*"
-  for f in "$dir"/*.log; do echo "--- $f"; tail -n 30 "$f"; done
-  exit 1
-}
 
 "$worker" make-facts --output "$dir/facts" --entities 8 --vocab-size 320 >/dev/null
-
-# start_server NAME LISTEN CHECKPOINT_DIR [FLAGS...]: starts a server, waits until it serves,
-# sets port_NAME.
-start_server() {
-  local name=$1 listen=$2 ckpt=$3 log="$dir/server-$1.log" before
-  shift 3
-  before=$(grep -c 'serving meft.v1' "$log" 2>/dev/null || true)
-  "$server_bin" --listen "$listen" --metrics-port 0 --adapter-dim 64 --adapter-rows 512 \
-    --adapter-top-k 16 --checkpoint-dir "$ckpt" "$@" >>"$log" 2>&1 &
-  server_pids[$name]=$!
-  for _ in $(seq 1 200); do
-    local p
-    p=$(sed -n 's/.*serving meft.v1.ParamServer on .* (port \([0-9]*\)).*/\1/p' "$log" | tail -n 1)
-    if [ -n "$p" ] && [ "$(grep -c 'serving meft.v1' "$log")" -gt "${before:-0}" ]; then
-      printf -v "port_$name" '%s' "$p"
-      return 0
-    fi
-    sleep 0.1
-  done
-  fail "server $name did not start"
-}
-stop_server() {
-  kill "${server_pids[$1]}"
-  wait "${server_pids[$1]}" || true
-  unset "server_pids[$1]"
-}
 
 cat >"$dir/run.yaml" <<YAML
 model_dir: $dir/facts/model
@@ -65,15 +27,6 @@ data: {train: $dir/facts/train.jsonl, eval: $dir/facts/eval.jsonl, max_length: 6
 train: {max_steps: 30, micro_batch_size: 8, lr: 0.02, save_every: 5, log_every: 5}
 meft: {reconnect_timeout_seconds: 60}
 YAML
-
-# wait_for FILE SECONDS: waits until FILE exists.
-wait_for() {
-  for _ in $(seq 1 $(($2 * 20))); do
-    [ -e "$1" ] && return 0
-    sleep 0.05
-  done
-  fail "timed out waiting for $1"
-}
 
 # train_in_background RUN PORT [FLAGS...]: a worker training into $dir/RUN/out, logging to
 # $dir/RUN.log; sets worker_pid.
@@ -85,18 +38,12 @@ train_in_background() {
   worker_pid=$!
 }
 
-# trainer_state.json without the log_history figures that are timings (they differ from run to run).
-untimed() { grep -Ev '"(compute_seconds|step_seconds|tokens_per_second|transfer_seconds|wait_seconds)":' "$1"; }
 # same_result RUN: the run's final checkpoints equal the reference's (paths of the run's own
 # folders replaced by the reference's in trainer_state.json, timings left out).
 same_result() {
   local run=$1
-  cmp -s "$dir/ref/server/checkpoint-30/adapter_model.safetensors" \
-    "$dir/$run/server/checkpoint-30/adapter_model.safetensors" ||
-    fail "$run: final adapter differs from the uninterrupted run"
-  cmp -s "$dir/ref/server/checkpoint-30/optimizer.safetensors" \
-    "$dir/$run/server/checkpoint-30/optimizer.safetensors" ||
-    fail "$run: final optimizer state differs from the uninterrupted run"
+  same_checkpoints "$dir/ref" "$dir/$run" checkpoint-30 server ||
+    fail "$run: final adapter or optimizer state differs from the uninterrupted run"
   untimed "$dir/$run/out/checkpoint-30/trainer_state.json" | sed "s#$dir/$run/#$dir/ref/#g" |
     cmp -s - <(untimed "$dir/ref/out/checkpoint-30/trainer_state.json") ||
     fail "$run: final trainer_state.json differs from the uninterrupted run"
