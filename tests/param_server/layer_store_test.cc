@@ -1,8 +1,12 @@
 #include "param_server/store/layer_store.h"
 
 #include <cmath>
+#include <cstdint>
 #include <numeric>
+#include <string>
 
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "gtest/gtest.h"
 #include "tbb/global_control.h"
 
@@ -81,10 +85,26 @@ TEST(LayerStoreTest, DeterministicPerSeedAndLayerWhateverTheThreads) {
   EXPECT_NEAR(std::sqrt(sq / normal->router.param.size()), 0.02, 0.004);
 }
 
+// Each failure is INVALID_ARGUMENT with a message naming the layer and the offending sizes.
+void ExpectInvalid(const absl::StatusOr<LayerStore>& s, const std::string& message) {
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument) << s.status();
+  EXPECT_EQ(s.status().message(), message);
+}
+
 TEST(LayerStoreTest, RejectsBadShapes) {
   EXPECT_FALSE(LayerStore::Create(0, 10, 4, 3, {}).ok());  // 3 does not divide 10
   EXPECT_FALSE(LayerStore::Create(0, 0, 4, 1, {}).ok());
   EXPECT_FALSE(LayerStore::Create(0, 10, 0, 1, {}).ok());
+  ExpectInvalid(LayerStore::Create(0, 10, 4, 3, {}), "layer 0: experts (3) must divide rows (10)");
+  ExpectInvalid(LayerStore::Create(0, 0, 4, 1, {}),
+                "layer 0: rows (0), dim (4) and experts (1) must be positive");
+  ExpectInvalid(LayerStore::Create(0, 10, 0, 1, {}),
+                "layer 0: rows (10), dim (0) and experts (1) must be positive");
+  ExpectInvalid(LayerStore::Create(2, 10, 4, 0, {}),
+                "layer 2: rows (10), dim (4) and experts (0) must be positive");
+  ExpectInvalid(LayerStore::Create(5, int64_t{INT32_MAX} + 1, 4, 1, {}),
+                "layer 5: rows (2147483648) exceeds the int32 row-id range");
 }
 
 }  // namespace
