@@ -6,8 +6,8 @@
 //  - CudaPinnedArenaTest: the shared-memory arena is registered with CUDA (the driver says so),
 //    rows copied from it to the device equal those of the unpinned and inline paths, and the
 //    registration ends with the arena.
-//  - CudaGoldenTest: bf16 logits of the tiny models and of SmolLM2 (when MEFT_SMOLLM2_DIR names
-//    its folder) within a stated tolerance of the transformers goldens.
+//  - CudaGoldenTest: bf16 logits of the tiny models and of SmolLM2 (MEFT_SMOLLM2_DIR names its
+//    folder; unset fails) within a stated tolerance of the transformers goldens.
 //  - CudaMetricsTest: meft_worker_gpu_memory_bytes after a training step is the allocator's peak.
 //
 // Tolerances bound the normwise relative error ||actual - expected|| / ||expected|| (Frobenius
@@ -63,7 +63,9 @@
 #include "gtest/gtest.h"
 #include "param_server/rpc/service.h"
 #include "param_server/server/param_server.h"
+#include "tests/testing/in_process_server.h"
 #include "tests/gpu_worker/golden_file.h"
+#include "tests/gpu_worker/smollm2_model.h"
 #include "tests/gpu_worker/tiny_dataset.h"
 
 namespace meft::worker {
@@ -78,8 +80,7 @@ const std::string kTransformersGoldenDir = std::string(MEFT_GOLDEN_DIR) + "/tran
 // The tiny models' weights and configs (identical in plain-torch/ and transformers/).
 const std::string kPlainDir = std::string(MEFT_GOLDEN_DIR) + "/plain-torch";
 const std::vector<std::string> kTinyModels = {"llama_tiny", "mistral_tiny"};
-// SmolLM2: the model folder comes from this environment variable, its golden from here.
-constexpr const char* kSmolLm2Env = "MEFT_SMOLLM2_DIR";
+// SmolLM2: the model folder comes from MEFT_SMOLLM2_DIR (smollm2_model.h), its golden from here.
 const std::string kSmolLm2Golden = kTransformersGoldenDir + "/smollm2_135m";
 
 constexpr double kFp32Tolerance = 1e-5;
@@ -281,36 +282,23 @@ class RecordingClient : public ParamClient {
 
 // A real parameter server in-process on port 0 for layers 0 and 1 of the tiny model (d = 32),
 // with non-zero values after one optimizer step, so adapter outputs and gradients are not zero.
-struct MeftServer {
-  metrics::Registry registry;
-  std::unique_ptr<server::ParamServer> domain;
-  std::unique_ptr<rpc::RunningServer> running;
+struct MeftServer : testing::InProcessServer {
   std::unique_ptr<ParamClient> client;
   ServerDescription description;
 };
 
 std::unique_ptr<MeftServer> StartMeftServer(bool bf16_rows) {
   auto s = std::make_unique<MeftServer>();
-  server::ServerOptions o;
+  server::ServerOptions o = testing::SmallServerOptions();  // 64 rows, 8 experts
   o.layers = {0, 1};
-  o.rows = 64;
   o.dim = 32;
-  o.experts = 8;
-  o.selector.n_probe = 3;
-  o.selector.top_k = 5;
-  o.init.seed = 3;
   o.init.router_init = store::RouterInit::kNormal;
   o.init.init_std = 0.5f;
-  auto domain = server::ParamServer::Create(o, &s->registry);
-  EXPECT_TRUE(domain.ok()) << domain.status();
-  if (!domain.ok()) return nullptr;
-  s->domain = std::move(*domain);
-  auto running = rpc::StartServer({.listen = "127.0.0.1:0"}, s->domain.get(), nullptr);
-  EXPECT_TRUE(running.ok()) << running.status();
-  if (!running.ok()) return nullptr;
-  s->running = std::move(*running);
+  const absl::Status started = s->Start(o);
+  EXPECT_TRUE(started.ok()) << started;
+  if (!started.ok()) return nullptr;
   GrpcClientOptions co;
-  co.address = "127.0.0.1:" + std::to_string(s->running->port());
+  co.address = s->address();
   co.bf16_rows = bf16_rows;
   co.transport = GrpcClientOptions::Transport::kGrpc;
   auto client = CreateGrpcParamClient(co);
@@ -639,16 +627,13 @@ TEST(CudaGoldenTest, TinyModelsInBf16MatchTransformers) {
 // (scripts/fetch-model.sh). The golden is tests/golden/transformers/smollm2_135m/logits.json (made
 // by make_smollm2_golden.py, also read by smollm2_test.cc): per prompt its input_ids, the fp32
 // logits at a stored subset of vocabulary ids ("ids", "logits" [T][ids]) and the argmax over the
-// whole vocabulary. Each prompt runs alone on CUDA in bf16. Without the variable there is nothing
-// to compare and the test says so; with it, a missing golden fails.
+// whole vocabulary. Each prompt runs alone on CUDA in bf16. A missing variable, model folder or
+// golden fails the test (as in smollm2_test.cc).
 TEST(CudaGoldenTest, SmolLm2InBf16MatchesTransformers) {
   MEFT_REQUIRE_CUDA();
-  const char* dir = std::getenv(kSmolLm2Env);
-  if (dir == nullptr || *dir == '\0') {
-    RecordProperty("smollm2", "not compared: MEFT_SMOLLM2_DIR is not set");
-    std::cout << "[cuda] " << kSmolLm2Env << " is not set: SmolLM2 not compared\n";
-    return;
-  }
+  const absl::StatusOr<std::string> model_dir = test_models::SmolLM2Dir();
+  ASSERT_TRUE(model_dir.ok()) << model_dir.status();
+  const std::string& dir = *model_dir;
   const std::string path = kSmolLm2Golden + "/logits.json";
   ASSERT_TRUE(std::filesystem::exists(path))
       << path << " is missing: generate it with tests/golden/make_smollm2_golden.py";

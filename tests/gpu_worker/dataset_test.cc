@@ -15,18 +15,12 @@
 #include "common/io/file_util.h"
 #include "gpu_worker/tokenizer/sentencepiece_tokenizer.h"
 #include "gpu_worker/tokenizer/tokenizer.h"
+#include "tests/testing/temp_dir.h"
 
 namespace meft::worker {
 namespace {
 
 using ::testing::HasSubstr;
-
-std::string MakeTempDir() {
-  std::string pattern = testing::TempDir() + "/meft_dataset_XXXXXX";
-  char* dir = mkdtemp(pattern.data());
-  EXPECT_NE(dir, nullptr);
-  return pattern;
-}
 
 void WriteAll(const std::string& path, const std::string& content) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
@@ -52,10 +46,10 @@ std::vector<std::string> Corpus() {
   };
 }
 
-class DatasetTest : public testing::Test {
+class DatasetTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    const std::string dir = MakeTempDir();
+    const std::string dir = testing::MakeTempDir("meft_dataset");
     ASSERT_TRUE(TrainTokenizer(Corpus(), dir + "/tokenizer", 320).ok());
     auto tokenizer = Tokenizer::Load(dir + "/tokenizer.model");
     ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
@@ -67,7 +61,7 @@ class DatasetTest : public testing::Test {
   }
   void SetUp() override {
     ASSERT_NE(tokenizer_, nullptr);
-    dir_ = MakeTempDir();
+    dir_ = testing::MakeTempDir("meft_dataset");
     auto formatter = PromptFormatter::Create();
     ASSERT_TRUE(formatter.ok()) << formatter.status();
     formatter_ = *formatter;

@@ -31,6 +31,7 @@
 #include "gpu_worker/tokenizer/sentencepiece_tokenizer.h"
 #include "gpu_worker/tokenizer/tokenizer.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/temp_dir.h"
 
 namespace meft::worker {
 namespace {
@@ -44,13 +45,6 @@ constexpr int64_t kVocab = 96;  // llama_tiny's vocabulary.
 constexpr int64_t kBos = 1;
 constexpr int64_t kPad = 0;
 constexpr int64_t kNoEos = -1;
-
-std::string MakeTempDir() {
-  std::string pattern = testing::TempDir() + "/meft_generate_XXXXXX";
-  char* dir = mkdtemp(pattern.data());
-  EXPECT_NE(dir, nullptr);
-  return pattern;
-}
 
 std::string ReadAll(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -221,7 +215,7 @@ class CountingHooks : public AdapterHooks {
   int64_t forwards_ = 0;
 };
 
-class GenerateTest : public testing::Test {
+class GenerateTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     auto model = LlamaModel::Load(kLlamaTiny, torch::kCPU, torch::kFloat32);
@@ -378,7 +372,7 @@ TEST_F(GenerateTest, BeamSearchMatchesUncachedReference) {
     for (int64_t eos : {greedy[0], greedy[2]}) {
       for (int64_t num_beams : {2, 3}) {
         for (double length_penalty : {-0.5, 0.0, 1.0, 2.0}) {
-          SCOPED_TRACE(testing::Message() << "prompt " << i << " eos " << eos << " beams "
+          SCOPED_TRACE(::testing::Message() << "prompt " << i << " eos " << eos << " beams "
                                           << num_beams << " length_penalty " << length_penalty);
           GenerateOptions options;
           options.max_new_tokens = max_new;
@@ -536,10 +530,10 @@ Example MakeExample(std::string id, std::string instruction, std::string input, 
   return e;
 }
 
-class EvaluateTest : public testing::Test {
+class EvaluateTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    const std::string dir = MakeTempDir();
+    const std::string dir = testing::MakeTempDir("meft_generate");
     ASSERT_TRUE(TrainTokenizer(Corpus(), dir + "/tokenizer", 300).ok());
     auto tokenizer = Tokenizer::Load(dir + "/tokenizer.model");
     ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
@@ -581,7 +575,8 @@ TEST_F(EvaluateTest, WritesPredictionsAndMetrics) {
       MakeExample("d", "Name a large animal that people ride in races.", "", "horse"),  // 0, 0
       MakeExample("e", "Not evaluated: beyond the limit.", "", "cat"),
   };
-  const std::string dir = MakeTempDir() + "/eval/out";
+  const testing::TempDir tmp("meft_generate");
+  const std::string dir = tmp.path() + "/eval/out";
   EvaluateOptions options;
   options.metrics = {Metric::kNqSubstring, Metric::kSquadLowercaseSubstring};
   options.generate.max_new_tokens = 16;

@@ -23,6 +23,7 @@
 #include "gpu_worker/tokenizer/hf/utf8.h"
 #include "gpu_worker/tokenizer/sentencepiece_tokenizer.h"
 #include "gpu_worker/tokenizer/tokenizer.h"
+#include "tests/testing/temp_dir.h"
 
 namespace meft::worker {
 namespace {
@@ -38,12 +39,6 @@ std::string ReadAll(const std::string& path) {
   std::stringstream buffer;
   buffer << in.rdbuf();
   return buffer.str();
-}
-
-std::string MakeTempDir() {
-  std::string pattern = testing::TempDir() + "/meft_hf_tokenizer_XXXXXX";
-  EXPECT_NE(mkdtemp(pattern.data()), nullptr);
-  return pattern;
 }
 
 std::vector<int64_t> IdList(const Json& json) { return json.get<std::vector<int64_t>>(); }
@@ -149,7 +144,7 @@ TEST(HfTokenizerGoldenTest, SmolLM2) {
 // ---------------------------------------------------------------------------------------------
 // Special tokens in data and in templates.
 
-class ByteLevelTest : public testing::Test {
+class ByteLevelTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     auto tokenizer = Tokenizer::Load(kTiny + "/bytelevel");
@@ -235,7 +230,8 @@ TEST_F(ByteLevelTest, DecodeDropsUnknownIdsAndSkipsSpecials) {
 }
 
 TEST(HfTokenizerLoadTest, PrefersTokenizerJsonAndAcceptsTheFile) {
-  const std::string dir = MakeTempDir();
+  const testing::TempDir tmp("meft_hf_tokenizer");
+  const std::string dir = tmp.path();
   for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
     std::filesystem::copy_file(kTiny + "/bytelevel/" + name, dir + "/" + name);
   }

@@ -22,6 +22,7 @@
 #include "gpu_worker/data/dataset.h"
 #include "gpu_worker/model/llama.h"
 #include "gpu_worker/tokenizer/tokenizer.h"
+#include "tests/testing/temp_dir.h"
 
 namespace meft::worker {
 namespace {
@@ -29,13 +30,6 @@ namespace {
 using ::testing::HasSubstr;
 
 constexpr int64_t kTrainTemplates = 3;
-
-std::string MakeTempDir() {
-  std::string pattern = ::testing::TempDir() + "/meft_facts_XXXXXX";
-  char* dir = mkdtemp(pattern.data());
-  EXPECT_NE(dir, nullptr);
-  return pattern;
-}
 
 const char* const kFiles[] = {
     "train.jsonl",       "eval.jsonl",
@@ -61,8 +55,8 @@ struct ExpectedFact {
 class MakeFactsTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    dir_a_ = new std::string(MakeTempDir());
-    dir_b_ = new std::string(MakeTempDir());
+    dir_a_ = new std::string(testing::MakeTempDir("meft_facts"));
+    dir_b_ = new std::string(testing::MakeTempDir("meft_facts"));
     FactsOptions options;
     options.seed = 7;
     options.output_dir = *dir_a_ + "/out";
@@ -304,7 +298,8 @@ TEST_F(MakeFactsTest, ModelLoadsAndGivesFiniteLogits) {
 }
 
 TEST(MakeFactsSeedTest, SeedChangesTheFactsButNotTheirShape) {
-  const std::string dir = MakeTempDir();
+  const testing::TempDir tmp("meft_facts");
+  const std::string dir = tmp.path();
   FactsOptions options;
   options.num_entities = 8;
   options.attributes_per_entity = 2;
@@ -327,7 +322,8 @@ TEST(MakeFactsSeedTest, SeedChangesTheFactsButNotTheirShape) {
 }
 
 TEST(MakeFactsOptionsTest, BadOptionsNameTheOption) {
-  const std::string dir = MakeTempDir();
+  const testing::TempDir tmp("meft_facts");
+  const std::string dir = tmp.path();
   struct Case {
     std::string option;
     void (*set)(FactsOptions*);
@@ -364,7 +360,8 @@ TEST(MakeFactsOptionsTest, BadOptionsNameTheOption) {
 }
 
 TEST(MakeFactsOptionsTest, LimitsFoundLaterNameTheOption) {
-  const std::string dir = MakeTempDir();
+  const testing::TempDir tmp("meft_facts");
+  const std::string dir = tmp.path();
   FactsOptions options;
   options.num_entities = 8;
   options.values_per_attribute = 4;

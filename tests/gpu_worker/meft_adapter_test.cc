@@ -8,11 +8,12 @@
 #include <mutex>
 
 #include "gmock/gmock.h"
+#include "gpu_worker/client/forwarding_param_client.h"
 #include "gpu_worker/rpc/grpc_param_client.h"
 #include "gtest/gtest.h"
 #include "param_server/rpc/service.h"
 #include "param_server/server/param_server.h"
-#include "tests/gpu_worker/forwarding_client.h"
+#include "tests/testing/in_process_server.h"
 
 namespace meft::worker {
 namespace {
@@ -21,16 +22,16 @@ using ::testing::HasSubstr;
 
 // Forwards to a real client and records what crosses the wire. Calls may come from the adapter's
 // background threads (overlap); read the records after FinishBackward.
-class RecordingClient : public ForwardingClient {
+class RecordingClient : public ForwardingParamClient {
  public:
-  using ForwardingClient::ForwardingClient;
+  using ForwardingParamClient::ForwardingParamClient;
   struct Sent {
     StepHeader header;
     torch::Tensor key_grads, value_grads, gate_grads;
   };
   absl::StatusOr<LookupResult> Lookup(const StepHeader& h, const torch::Tensor& x,
                                       const torch::Tensor& mask, bool training) override {
-    auto r = inner_->Lookup(h, x, mask, training);
+    auto r = inner()->Lookup(h, x, mask, training);
     std::lock_guard lock(mu_);
     queries.push_back(x.detach().clone());
     if (r.ok()) lookups.push_back(*r);
@@ -43,7 +44,7 @@ class RecordingClient : public ForwardingClient {
       sent.push_back(
           {h, k.detach().clone(), v.detach().clone(), g.defined() ? g.detach().clone() : g});
     }
-    return inner_->Gradients(h, k, v, g);
+    return inner()->Gradients(h, k, v, g);
   }
 
   std::vector<torch::Tensor> queries;
@@ -54,10 +55,7 @@ class RecordingClient : public ForwardingClient {
   std::mutex mu_;  // guards the records
 };
 
-struct Setup {
-  metrics::Registry registry;
-  std::unique_ptr<server::ParamServer> server;
-  std::unique_ptr<rpc::RunningServer> running;
+struct Setup : testing::InProcessServer {
   std::unique_ptr<ParamClient> grpc_client;
   std::unique_ptr<RecordingClient> client;
   ServerDescription description;
@@ -65,27 +63,17 @@ struct Setup {
 
 std::unique_ptr<Setup> Start(server::Mode mode, bool gated, std::vector<uint32_t> layers = {0}) {
   auto s = std::make_unique<Setup>();
-  server::ServerOptions o;
+  server::ServerOptions o = testing::SmallServerOptions();  // 64 rows, d = 8, 8 experts
   o.layers = layers;
-  o.rows = 64;
-  o.dim = 8;
-  o.experts = 8;
-  o.selector.n_probe = 3;
-  o.selector.top_k = 5;
   o.selector.gated = gated;
   o.mode = mode;
-  o.init.seed = 3;
   // Non-zero values so outputs and dx are not trivially zero at step 0.
   o.init.router_init = store::RouterInit::kNormal;
   o.init.init_std = 0.5f;
-  auto server = server::ParamServer::Create(o, &s->registry);
-  EXPECT_TRUE(server.ok()) << server.status();
-  s->server = *std::move(server);
-  auto running = rpc::StartServer({.listen = "127.0.0.1:0"}, s->server.get(), nullptr);
-  EXPECT_TRUE(running.ok()) << running.status();
-  s->running = *std::move(running);
+  const absl::Status started = s->Start(o);
+  EXPECT_TRUE(started.ok()) << started;
   GrpcClientOptions co;
-  co.address = "127.0.0.1:" + std::to_string(s->running->port());
+  co.address = s->address();
   co.bf16_rows = false;  // exact rows, so the reference sees what the adapter saw
   s->grpc_client = *CreateGrpcParamClient(co);
   s->client = std::make_unique<RecordingClient>(s->grpc_client.get());

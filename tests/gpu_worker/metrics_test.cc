@@ -1,4 +1,5 @@
 #include "gpu_worker/eval/metrics.h"
+#include "tests/testing/temp_dir.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -115,16 +116,9 @@ TEST(MetricsTest, MetricNamesAndScore) {
   }
   auto bad = ParseMetric("bleu");
   ASSERT_FALSE(bad.ok());
-  EXPECT_THAT(std::string(bad.status().message()), testing::HasSubstr("\"bleu\""));
+  EXPECT_THAT(std::string(bad.status().message()), ::testing::HasSubstr("\"bleu\""));
   EXPECT_EQ(Score(Metric::kSquadLowercaseSubstring, "PARIS", Golds{"paris"}), 1.0);
   EXPECT_EQ(Score(Metric::kNqSubstring, "PARIS", Golds{"paris"}), 0.0);
-}
-
-std::string MakeTempDir() {
-  std::string pattern = testing::TempDir() + "/meft_metrics_XXXXXX";
-  char* dir = mkdtemp(pattern.data());
-  EXPECT_NE(dir, nullptr);
-  return pattern;
 }
 
 std::vector<std::string> ReadLines(const std::string& path) {
@@ -154,7 +148,8 @@ TEST(MetricsTest, SummaryAndWriters) {
   EXPECT_EQ(empty.num_examples, 0);
   EXPECT_TRUE(empty.means.empty());
 
-  const std::string dir = MakeTempDir();
+  const testing::TempDir tmp("meft_metrics");
+  const std::string dir = tmp.path();
   ASSERT_TRUE(WritePredictionsJsonl(dir + "/predictions.jsonl", records).ok());
   const std::vector<std::string> lines = ReadLines(dir + "/predictions.jsonl");
   ASSERT_EQ(lines.size(), 3u);

@@ -12,6 +12,7 @@
 
 #include "gmock/gmock.h"
 #include "gpu_worker/adapters/meft_adapter.h"
+#include "gpu_worker/client/forwarding_param_client.h"
 #include "gpu_worker/model/llama.h"
 #include "gpu_worker/model/random_weights.h"
 #include "gpu_worker/rpc/grpc_param_client.h"
@@ -19,7 +20,7 @@
 #include "gtest/gtest.h"
 #include "param_server/rpc/service.h"
 #include "param_server/server/param_server.h"
-#include "tests/gpu_worker/forwarding_client.h"
+#include "tests/testing/in_process_server.h"
 
 namespace meft::worker {
 namespace {
@@ -47,9 +48,7 @@ std::unique_ptr<LlamaModel> RandomModel(int64_t layers) {
 }
 
 // A real server behind gRPC on port 0 and a client.
-struct Server {
-  std::unique_ptr<server::ParamServer> domain;
-  std::unique_ptr<rpc::RunningServer> running;
+struct Server : testing::InProcessServer {
   std::unique_ptr<ParamClient> client;
 };
 
@@ -63,14 +62,10 @@ std::unique_ptr<Server> StartServer(std::vector<uint32_t> layers, double step_wa
   o.selector.n_probe = 4;
   o.init.seed = 5;
   o.step_wait_seconds = step_wait_seconds;
-  auto domain = server::ParamServer::Create(o, nullptr);
-  EXPECT_TRUE(domain.ok()) << domain.status();
-  s->domain = *std::move(domain);
-  auto running = rpc::StartServer({.listen = "127.0.0.1:0"}, s->domain.get(), nullptr);
-  EXPECT_TRUE(running.ok()) << running.status();
-  s->running = *std::move(running);
+  const absl::Status started = s->Start(o);
+  EXPECT_TRUE(started.ok()) << started;
   GrpcClientOptions co;
-  co.address = "127.0.0.1:" + std::to_string(s->running->port());
+  co.address = s->address();
   s->client = *CreateGrpcParamClient(co);
   return s;
 }
@@ -91,14 +86,14 @@ std::vector<TokenizedExample> Examples(int64_t n) {
 }
 
 // Fails Step(fail_step) without asking the server.
-class StepFailingClient : public ForwardingClient {
+class StepFailingClient : public ForwardingParamClient {
  public:
-  using ForwardingClient::ForwardingClient;
+  using ForwardingParamClient::ForwardingParamClient;
   absl::Status Step(uint64_t step, double lr, double clip) override {
     if (static_cast<int64_t>(step) == fail_step) {
       return absl::UnavailableError("injected: the server lost its optimizer state");
     }
-    return inner_->Step(step, lr, clip);
+    return inner()->Step(step, lr, clip);
   }
 
   int64_t fail_step = -1;
@@ -197,16 +192,16 @@ struct Rendezvous {
   bool lookup_saw_compute = false, compute_saw_lookup = false;
 };
 
-class RendezvousClient : public ForwardingClient {
+class RendezvousClient : public ForwardingParamClient {
  public:
-  RendezvousClient(ParamClient* inner, Rendezvous* r) : ForwardingClient(inner), r_(r) {}
+  RendezvousClient(ParamClient* inner, Rendezvous* r) : ForwardingParamClient(inner), r_(r) {}
   absl::StatusOr<LookupResult> Lookup(const StepHeader& h, const torch::Tensor& x,
                                       const torch::Tensor& mask, bool training) override {
     if (h.layer == r_->layer) {
       r_->lookup_started.Set();
       r_->lookup_saw_compute = r_->compute_reached.WaitFor(r_->bound);
     }
-    return inner_->Lookup(h, x, mask, training);
+    return inner()->Lookup(h, x, mask, training);
   }
 
  private:
@@ -307,9 +302,9 @@ TEST(OverlapErrorTest, AsyncLookupErrorSurfacesWithTheServersMessage) {
   ExpectTorchError([&] { adapter.FfnDelta(0, x, {}); }, "x.shape");
 }
 
-class ThrowingClient : public ForwardingClient {
+class ThrowingClient : public ForwardingParamClient {
  public:
-  using ForwardingClient::ForwardingClient;
+  using ForwardingParamClient::ForwardingParamClient;
   absl::StatusOr<LookupResult> Lookup(const StepHeader&, const torch::Tensor&, const torch::Tensor&,
                                       bool) override {
     TORCH_CHECK(false, "lookup exploded");

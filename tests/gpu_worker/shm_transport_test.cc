@@ -26,6 +26,7 @@
 #include "meft/v1/param_server.grpc.pb.h"
 #include "param_server/rpc/service.h"
 #include "param_server/server/param_server.h"
+#include "tests/testing/in_process_server.h"
 
 namespace meft::worker {
 namespace {
@@ -45,12 +46,7 @@ server::ServerOptions Options(int64_t dim = 32, int64_t rows = 256) {
   return o;
 }
 
-struct Served {
-  metrics::Registry registry;
-  std::unique_ptr<server::ParamServer> domain;
-  std::unique_ptr<rpc::RunningServer> running;
-  std::string address;
-
+struct Served : testing::InProcessServer {
   // Successful AttachArena calls this server answered.
   double Attaches() {
     return registry
@@ -63,18 +59,11 @@ struct Served {
 std::unique_ptr<Served> Serve(const server::ServerOptions& options,
                               rpc::ShmAttach attach = rpc::ShmAttach::kAuto) {
   auto s = std::make_unique<Served>();
-  auto domain = server::ParamServer::Create(options, &s->registry);
-  EXPECT_TRUE(domain.ok()) << domain.status();
-  if (!domain.ok()) return nullptr;
-  s->domain = std::move(*domain);
-  rpc::RpcOptions o;
-  o.listen = "127.0.0.1:0";
+  rpc::RpcOptions o = testing::LoopbackRpcOptions();
   o.shm_attach = attach;
-  auto running = rpc::StartServer(o, s->domain.get(), &s->registry);
-  EXPECT_TRUE(running.ok()) << running.status();
-  if (!running.ok()) return nullptr;
-  s->running = std::move(*running);
-  s->address = "127.0.0.1:" + std::to_string(s->running->port());
+  const absl::Status started = s->Start(options, o);
+  EXPECT_TRUE(started.ok()) << started;
+  if (!started.ok()) return nullptr;
   return s;
 }
 
@@ -133,8 +122,8 @@ TEST(ShmTransportTest, TrainingStepIsBitIdenticalToGrpc) {
   auto shm_server = Serve(Options());
   auto grpc_server = Serve(Options());
   ASSERT_TRUE(shm_server && grpc_server);
-  auto shm = Client(shm_server->address, Transport::kShm);
-  auto grpc = Client(grpc_server->address, Transport::kGrpc);
+  auto shm = Client(shm_server->address(), Transport::kShm);
+  auto grpc = Client(grpc_server->address(), Transport::kGrpc);
   ASSERT_TRUE(shm && grpc);
   double expected_up = 0, expected_down = 0;  // tensor bytes through the arena
   const torch::Tensor mask = torch::tensor({1, 1, 1, 0, 1, 1, 1, 1}, torch::kUInt8);
@@ -192,7 +181,7 @@ TEST(ShmTransportTest, AutoUsesShmOnLoopbackAndFp32RowsMatch) {
   auto served = Serve(Options());
   ASSERT_TRUE(served);
   GrpcClientOptions o;
-  o.address = served->address;
+  o.address = served->address();
   o.bf16_rows = false;
   o.bf16_grads = true;
   auto shm = CreateGrpcParamClient(o);  // transport defaults to auto
@@ -216,10 +205,10 @@ TEST(ShmTransportTest, Bf16GradientsMatchGrpc) {
   ASSERT_TRUE(shm_server && grpc_server);
   GrpcClientOptions o;
   o.bf16_grads = true;
-  o.address = shm_server->address;
+  o.address = shm_server->address();
   o.transport = Transport::kShm;
   auto shm = CreateGrpcParamClient(o);
-  o.address = grpc_server->address;
+  o.address = grpc_server->address();
   o.transport = Transport::kGrpc;
   auto grpc = CreateGrpcParamClient(o);
   ASSERT_TRUE(shm.ok() && grpc.ok());
@@ -241,7 +230,7 @@ TEST(ShmTransportTest, Bf16GradientsMatchGrpc) {
   // And the server got bf16: fp32 gradients would have changed the state differently.
   auto fp32_server = Serve(Options());
   o.bf16_grads = false;
-  o.address = fp32_server->address;
+  o.address = fp32_server->address();
   auto fp32 = CreateGrpcParamClient(o);
   ASSERT_TRUE(fp32.ok());
   ASSERT_TRUE((*fp32)->Lookup(h, x, torch::Tensor(), true).ok());
@@ -253,8 +242,8 @@ TEST(ShmTransportTest, AutoFallsBackToGrpcWhenTheServerRefusesShm) {
   auto refusing = Serve(Options(), rpc::ShmAttach::kOff);
   auto twin = Serve(Options());
   ASSERT_TRUE(refusing && twin);
-  auto autod = Client(refusing->address, Transport::kAuto);
-  auto grpc = Client(twin->address, Transport::kGrpc);
+  auto autod = Client(refusing->address(), Transport::kAuto);
+  auto grpc = Client(twin->address(), Transport::kGrpc);
   const torch::Tensor x = X(6, 32, 5);
   auto a = autod->Lookup({.layer = 0}, x, torch::Tensor(), false);
   auto b = grpc->Lookup({.layer = 0}, x, torch::Tensor(), false);
@@ -263,7 +252,7 @@ TEST(ShmTransportTest, AutoFallsBackToGrpcWhenTheServerRefusesShm) {
   ExpectSame(*a, *b);
   EXPECT_EQ(refusing->Attaches(), 0.0);
 
-  auto required = Client(refusing->address, Transport::kShm);
+  auto required = Client(refusing->address(), Transport::kShm);
   auto failed = required->Lookup({.layer = 0}, x, torch::Tensor(), false);
   EXPECT_EQ(failed.status().code(), absl::StatusCode::kFailedPrecondition) << failed.status();
   EXPECT_THAT(std::string(failed.status().message()), HasSubstr("meft.transport: shm"));
@@ -277,7 +266,7 @@ TEST(ShmTransportTest, AutoFallsBackToGrpcWhenTheServerRefusesShm) {
 TEST(ShmTransportTest, ReattachesAfterTheServerRestarts) {
   auto served = Serve(Options());
   ASSERT_TRUE(served);
-  auto shm = Client(served->address, Transport::kShm);
+  auto shm = Client(served->address(), Transport::kShm);
   const torch::Tensor x = X(4, 32, 9);
   auto before = shm->Lookup({.layer = 0}, x, torch::Tensor(), false);
   ASSERT_TRUE(before.ok()) << before.status();
@@ -287,7 +276,7 @@ TEST(ShmTransportTest, ReattachesAfterTheServerRestarts) {
   served->running->Shutdown(1.0);
   metrics::Registry restarted_registry;
   rpc::RpcOptions o;
-  o.listen = served->address;
+  o.listen = served->address();
   auto restarted = rpc::StartServer(o, served->domain.get(), &restarted_registry);
   ASSERT_TRUE(restarted.ok()) << restarted.status();
   absl::StatusOr<LookupResult> after = absl::UnavailableError("not called");
@@ -313,8 +302,8 @@ TEST(ShmTransportTest, ReattachesAfterTheServerRestarts) {
 TEST(ShmTransportTest, ConcurrentLookupsMatchSequentialOnes) {
   auto served = Serve(Options());
   ASSERT_TRUE(served);
-  auto shm = Client(served->address, Transport::kShm);
-  auto grpc = Client(served->address, Transport::kGrpc);
+  auto shm = Client(served->address(), Transport::kShm);
+  auto grpc = Client(served->address(), Transport::kGrpc);
   constexpr int kThreads = 4, kPerThread = 12;
   // Inputs made up front: torch's global generator is not for concurrent seeding.
   std::map<std::pair<int, int>, torch::Tensor> inputs;
@@ -348,7 +337,7 @@ TEST(ShmTransportTest, ConcurrentLookupsMatchSequentialOnes) {
   for (int t = 0; t < kThreads; ++t) {
     ASSERT_TRUE(errors[t].ok()) << errors[t];
     for (int i = 0; i < kPerThread; ++i) {
-      SCOPED_TRACE(testing::Message() << "thread " << t << " lookup " << i);
+      SCOPED_TRACE(::testing::Message() << "thread " << t << " lookup " << i);
       ExpectSame(per_thread[t][i], expected[{t, i}]);
     }
   }
@@ -362,16 +351,16 @@ TEST(ShmTransportTest, AnswersOutliveTheClient) {
   // (that the alias holds its owner is tested in answer_tensor_test).
   absl::StatusOr<LookupResult> expected;
   {
-    auto grpc = Client(served->address, Transport::kGrpc);
+    auto grpc = Client(served->address(), Transport::kGrpc);
     expected = grpc->Lookup({.layer = 1}, x, torch::Tensor(), false);
     ASSERT_TRUE(expected.ok());
   }
-  auto fresh = Client(served->address, Transport::kGrpc)->Lookup({.layer = 1}, x, {}, false);
+  auto fresh = Client(served->address(), Transport::kGrpc)->Lookup({.layer = 1}, x, {}, false);
   ASSERT_TRUE(fresh.ok());
   ExpectSame(*expected, *fresh);
   LookupResult kept;
   {
-    auto shm = Client(served->address, Transport::kShm);
+    auto shm = Client(served->address(), Transport::kShm);
     auto r = shm->Lookup({.layer = 1}, x, torch::Tensor(), false);
     ASSERT_TRUE(r.ok()) << r.status();
     kept = *r;
@@ -385,7 +374,7 @@ TEST(ShmTransportTest, AnswersOutliveTheClient) {
 TEST(ShmTransportTest, ShmAttachesAtANonLoopbackAddress) {
   auto served = Serve(Options());
   ASSERT_TRUE(served);
-  const std::string address = "ipv4:" + served->address;  // not loopback to rpc::IsLoopback
+  const std::string address = "ipv4:" + served->address();  // not loopback to rpc::IsLoopback
   const torch::Tensor x = X(4, 32, 13);
   auto required = Client(address, Transport::kShm);
   auto a = required->Lookup({.layer = 0}, x, torch::Tensor(), false);
@@ -404,14 +393,14 @@ TEST(ShmTransportTest, TransientSetupFailureIsRetried) {
   auto served = Serve(Options());
   ASSERT_TRUE(served);
   served->running->Shutdown(1.0);
-  auto shm = Client(served->address, Transport::kShm);
+  auto shm = Client(served->address(), Transport::kShm);
   const torch::Tensor x = X(4, 32, 17);
   auto down = shm->Lookup({.layer = 0}, x, torch::Tensor(), false);
   EXPECT_EQ(down.status().code(), absl::StatusCode::kUnavailable) << down.status();
 
   metrics::Registry restarted_registry;
   rpc::RpcOptions o;
-  o.listen = served->address;
+  o.listen = served->address();
   auto restarted = rpc::StartServer(o, served->domain.get(), &restarted_registry);
   ASSERT_TRUE(restarted.ok()) << restarted.status();
   absl::StatusOr<LookupResult> up = down;
@@ -433,13 +422,13 @@ TEST(ShmTransportTest, ArenaTooSmallForAnAnswer) {
   auto served = Serve(Options(/*dim=*/1024, /*rows=*/512));
   ASSERT_TRUE(served);
   const torch::Tensor x = X(200, 1024, 2);
-  auto required = Client(served->address, Transport::kShm, /*arena_bytes=*/1 << 20);
+  auto required = Client(served->address(), Transport::kShm, /*arena_bytes=*/1 << 20);
   auto failed = required->Lookup({.layer = 0}, x, torch::Tensor(), false);
   EXPECT_EQ(failed.status().code(), absl::StatusCode::kResourceExhausted) << failed.status();
   EXPECT_THAT(std::string(failed.status().message()), HasSubstr("meft.shm_arena_mb"));
   // auto sends that answer inline instead, and the result is the same as over gRPC.
-  auto autod = Client(served->address, Transport::kAuto, 1 << 20);
-  auto grpc = Client(served->address, Transport::kGrpc);
+  auto autod = Client(served->address(), Transport::kAuto, 1 << 20);
+  auto grpc = Client(served->address(), Transport::kGrpc);
   auto a = autod->Lookup({.layer = 0}, x, torch::Tensor(), false);
   auto b = grpc->Lookup({.layer = 0}, x, torch::Tensor(), false);
   ASSERT_TRUE(a.ok()) << a.status();

@@ -13,7 +13,8 @@
 #include "gpu_worker/rpc/grpc_param_client.h"
 #include "param_server/rpc/service.h"
 #include "param_server/server/param_server.h"
-#include "tests/param_server/test_certs.h"
+#include "tests/testing/in_process_server.h"
+#include "tests/testing/test_certs.h"
 
 namespace meft::worker {
 namespace {
@@ -25,7 +26,7 @@ constexpr int64_t kDim = 16;
 class TlsClientTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    ASSERT_NO_FATAL_FAILURE(tls_test::MakeTestCerts(&certs_));
+    ASSERT_NO_FATAL_FAILURE(testing::MakeTestCerts(&certs_));
     server::ServerOptions o;
     o.layers = {0};
     o.rows = 64;
@@ -43,7 +44,7 @@ class TlsClientTest : public ::testing::Test {
   }
 
   void Start(bool mutual) {
-    auto running = tls_test::StartTlsServer(certs_, mutual, domain_.get(), &registry_);
+    auto running = testing::StartTlsServer(certs_, mutual, domain_.get(), &registry_);
     ASSERT_TRUE(running.ok()) << running.status();
     running_ = std::move(*running);
   }
@@ -57,7 +58,7 @@ class TlsClientTest : public ::testing::Test {
     return o;
   }
 
-  tls_test::TestCerts certs_;
+  testing::TestCerts certs_;
   metrics::Registry registry_;
   std::unique_ptr<server::ParamServer> domain_;
   std::unique_ptr<rpc::RunningServer> running_;

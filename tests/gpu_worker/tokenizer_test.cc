@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gpu_worker/tokenizer/sentencepiece_tokenizer.h"
+#include "tests/testing/temp_dir.h"
 
 namespace meft::worker {
 namespace {
@@ -45,14 +46,6 @@ std::vector<std::string> Corpus() {
   };
 }
 
-// A fresh directory under the test's temporary directory.
-std::string MakeTempDir() {
-  std::string pattern = testing::TempDir() + "/meft_tokenizer_XXXXXX";
-  char* dir = mkdtemp(pattern.data());
-  EXPECT_NE(dir, nullptr);
-  return pattern;
-}
-
 std::string ReadAll(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   std::stringstream buffer;
@@ -75,10 +68,10 @@ std::vector<int64_t> Ids(const Tokenizer& t, std::string_view text,
 
 constexpr int kVocabSize = 340;
 
-class TokenizerTest : public testing::Test {
+class TokenizerTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    dir_ = new std::string(MakeTempDir());
+    dir_ = new std::string(testing::MakeTempDir("meft_tokenizer"));
     ASSERT_TRUE(TrainTokenizer(Corpus(), *dir_ + "/tokenizer", kVocabSize).ok());
     auto tokenizer = Tokenizer::Load(*dir_ + "/tokenizer.model");
     ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
@@ -115,7 +108,8 @@ TEST_F(TokenizerTest, LlamaLikeSpecialIds) {
 }
 
 TEST_F(TokenizerTest, TrainingIsDeterministic) {
-  const std::string other = MakeTempDir();
+  const testing::TempDir tmp("meft_tokenizer");
+  const std::string other = tmp.path();
   ASSERT_TRUE(TrainTokenizer(Corpus(), other + "/tokenizer", kVocabSize).ok());
   const std::string first = ReadAll(*dir_ + "/tokenizer.model");
   ASSERT_FALSE(first.empty());
@@ -163,8 +157,8 @@ TEST_F(TokenizerTest, UnseenCharactersUseByteFallback) {
   const std::vector<int64_t> ids = Ids(*tokenizer_, "Ω");
   std::vector<std::string> pieces;
   for (const int64_t id : ids) pieces.push_back(tokenizer_->IdToPiece(id));
-  EXPECT_THAT(pieces, testing::Contains("<0xCE>"));
-  EXPECT_THAT(pieces, testing::Contains("<0xA9>"));
+  EXPECT_THAT(pieces, ::testing::Contains("<0xCE>"));
+  EXPECT_THAT(pieces, ::testing::Contains("<0xA9>"));
   // Half a UTF-8 character decodes to the replacement character.
   const int64_t lead_byte = 3 + 0xCE;
   EXPECT_EQ(tokenizer_->IdToPiece(lead_byte), "<0xCE>");
@@ -207,7 +201,8 @@ TEST_F(TokenizerTest, PrefixIsBosAndSpecialStringsAreTextOutsideTrustedSpans) {
 }
 
 TEST(TokenizerConfigTest, SentencePieceReadsAddBosAndAddEos) {
-  const std::string dir = MakeTempDir();
+  const testing::TempDir tmp("meft_tokenizer");
+  const std::string dir = tmp.path();
   ASSERT_TRUE(TrainTokenizer(Corpus(), dir + "/tokenizer", kVocabSize).ok());
   WriteAll(dir + "/tokenizer_config.json", R"({"add_bos_token": false, "add_eos_token": true})");
   auto tokenizer = Tokenizer::Load(dir);
@@ -240,7 +235,8 @@ TEST_F(TokenizerTest, DecodeSkipsOrShowsSpecialTokens) {
 }
 
 TEST(TokenizerPadTest, PadPieceAndOverride) {
-  const std::string dir = MakeTempDir();
+  const testing::TempDir tmp("meft_tokenizer");
+  const std::string dir = tmp.path();
   TokenizerTrainOptions options;
   options.pad_id = 3;
   options.model_type = "unigram";
@@ -266,7 +262,8 @@ TEST(TokenizerPadTest, PadPieceAndOverride) {
 }
 
 TEST(TokenizerLoadTest, MissingFileIsNamed) {
-  const std::string dir = MakeTempDir();
+  const testing::TempDir tmp("meft_tokenizer");
+  const std::string dir = tmp.path();
   auto from_dir = Tokenizer::Load(dir);
   ASSERT_FALSE(from_dir.ok());
   EXPECT_EQ(from_dir.status().code(), absl::StatusCode::kNotFound);
@@ -280,7 +277,8 @@ TEST(TokenizerLoadTest, MissingFileIsNamed) {
 }
 
 TEST(TokenizerLoadTest, CorruptFileIsNamed) {
-  const std::string dir = MakeTempDir();
+  const testing::TempDir tmp("meft_tokenizer");
+  const std::string dir = tmp.path();
   const std::string path = dir + "/tokenizer.model";
   for (const std::string& content : {std::string("this is not a sentencepiece model"),
                                      std::string(), std::string("\x0a\x05\x0a\x03", 4)}) {
@@ -293,7 +291,8 @@ TEST(TokenizerLoadTest, CorruptFileIsNamed) {
 }
 
 TEST(TokenizerTrainTest, RejectsBadOptions) {
-  const std::string dir = MakeTempDir();
+  const testing::TempDir tmp("meft_tokenizer");
+  const std::string dir = tmp.path();
   EXPECT_FALSE(TrainTokenizer({}, dir + "/t", kVocabSize).ok());
   EXPECT_FALSE(TrainTokenizer(Corpus(), dir + "/t", 0).ok());
   TokenizerTrainOptions options;
