@@ -15,6 +15,7 @@
 #include "gtest/gtest.h"
 #include "param_server/server/memory_budget.h"
 #include "param_server/store/layer_store.h"
+#include "tests/testing/temp_dir.h"
 
 namespace meft::server {
 namespace {
@@ -142,8 +143,8 @@ TEST(ParamServerTest, AllocationFailuresAreResourceExhaustedAndLoseNoState) {
   EXPECT_EQ(failed.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(failed.status().message(), HasSubstr("layer 1: out of host memory"));
 
-  const fs::path dir = fs::temp_directory_path() / ("meft_oom_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
+  const testing::TempDir tmp("meft_oom");
+  const fs::path dir = tmp.Join("checkpoints");
   auto server = ParamServer::Create(o, nullptr);
   ASSERT_TRUE(server.ok()) << server.status();
   const auto saved = (*server)->SaveCheckpoint(dir.string());
@@ -158,7 +159,6 @@ TEST(ParamServerTest, AllocationFailuresAreResourceExhaustedAndLoseNoState) {
   EXPECT_THAT(restored.status().message(), HasSubstr("out of host memory reading the checkpoint"));
   EXPECT_EQ((*server)->StateDigest(), before);
   EXPECT_TRUE((*server)->RestoreCheckpoint(saved->path, false).ok());
-  fs::remove_all(dir);
 }
 
 // Overlap (DESIGN §3): Step updates layers in ascending order and answers a layer's next lookup
@@ -224,9 +224,8 @@ TEST(ParamServerTest, StepAnswersEachLayersNextLookupAsSoonAsThatLayerIsUpdated)
 }
 
 TEST(ParamServerTest, CheckpointPathsFromRequestsStayInsideCheckpointDir) {
-  const fs::path root =
-      fs::path(::testing::TempDir()) / ("meft_confine_" + std::to_string(::getpid()));
-  fs::remove_all(root);
+  const testing::TempDir tmp("meft_confine");
+  const fs::path root = tmp.Join("root");
   ServerOptions o = Small();
   o.checkpoint_dir = (root / "ckpt").string();
   auto server = ParamServer::Create(o, nullptr);
@@ -254,7 +253,6 @@ TEST(ParamServerTest, CheckpointPathsFromRequestsStayInsideCheckpointDir) {
   fs::rename(root / "ckpt" / "run-a" / "checkpoint-0", root / "outside" / "checkpoint-0");
   EXPECT_TRUE((*server)->RestoreCheckpoint((root / "outside").string(), /*confine=*/false).ok());
   EXPECT_EQ((*server)->StateDigest(), before);
-  fs::remove_all(root);
 }
 
 // A same-host lookup offers memory for its answer (LookupCall::output): each tensor is encoded

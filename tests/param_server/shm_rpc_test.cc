@@ -21,6 +21,7 @@
 #include "param_server/rpc/arena_registry.h"
 #include "param_server/rpc/service.h"
 #include "param_server/server/param_server.h"
+#include "tests/testing/in_process_server.h"
 
 namespace meft {
 namespace {
@@ -43,32 +44,21 @@ server::ServerOptions Options() {
   return o;
 }
 
-struct Served {
-  metrics::Registry registry;
-  std::unique_ptr<server::ParamServer> domain;
-  std::unique_ptr<rpc::RunningServer> running;
+struct Served : testing::InProcessServer {
   std::unique_ptr<v1::ParamServer::Stub> stub;
 };
 
 std::unique_ptr<Served> Serve(rpc::ShmAttach attach = rpc::ShmAttach::kAuto) {
   auto s = std::make_unique<Served>();
-  auto domain = server::ParamServer::Create(Options(), &s->registry);
-  if (!domain.ok()) {
-    ADD_FAILURE() << domain.status();
-    return nullptr;
-  }
-  s->domain = std::move(*domain);
-  rpc::RpcOptions o;
-  o.listen = "127.0.0.1:0";
+  rpc::RpcOptions o = testing::LoopbackRpcOptions();
   o.shm_attach = attach;
-  auto running = rpc::StartServer(o, s->domain.get(), &s->registry);
-  if (!running.ok()) {
-    ADD_FAILURE() << running.status();
+  const absl::Status started = s->Start(Options(), o);
+  if (!started.ok()) {
+    ADD_FAILURE() << started;
     return nullptr;
   }
-  s->running = std::move(*running);
-  s->stub = v1::ParamServer::NewStub(grpc::CreateChannel(
-      "127.0.0.1:" + std::to_string(s->running->port()), grpc::InsecureChannelCredentials()));
+  s->stub = v1::ParamServer::NewStub(
+      grpc::CreateChannel(s->address(), grpc::InsecureChannelCredentials()));
   return s;
 }
 

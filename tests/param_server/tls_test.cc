@@ -18,7 +18,8 @@
 #include "meft/v1/param_server.grpc.pb.h"
 #include "param_server/rpc/service.h"
 #include "param_server/server/param_server.h"
-#include "tests/param_server/test_certs.h"
+#include "tests/testing/in_process_server.h"
+#include "tests/testing/test_certs.h"
 
 namespace meft {
 namespace {
@@ -43,7 +44,7 @@ server::ServerOptions SmallOptions() {
 class TlsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    ASSERT_NO_FATAL_FAILURE(tls_test::MakeTestCerts(&certs_));
+    ASSERT_NO_FATAL_FAILURE(testing::MakeTestCerts(&certs_));
     auto domain = server::ParamServer::Create(SmallOptions(), &registry_);
     ASSERT_TRUE(domain.ok()) << domain.status();
     domain_ = std::move(*domain);
@@ -55,7 +56,7 @@ class TlsTest : public ::testing::Test {
 
   // Starts the server with TLS and a token; `mutual` also asks for client certificates.
   void Start(bool mutual) {
-    auto running = tls_test::StartTlsServer(certs_, mutual, domain_.get(), &registry_);
+    auto running = testing::StartTlsServer(certs_, mutual, domain_.get(), &registry_);
     ASSERT_TRUE(running.ok()) << running.status();
     running_ = std::move(*running);
   }
@@ -64,10 +65,10 @@ class TlsTest : public ::testing::Test {
 
   std::unique_ptr<v1::ParamServer::Stub> TlsStub(bool client_cert) const {
     grpc::SslCredentialsOptions ssl;
-    ssl.pem_root_certs = tls_test::TestCerts::Slurp(certs_.ca);
+    ssl.pem_root_certs = testing::TestCerts::Slurp(certs_.ca);
     if (client_cert) {
-      ssl.pem_cert_chain = tls_test::TestCerts::Slurp(certs_.client_cert);
-      ssl.pem_private_key = tls_test::TestCerts::Slurp(certs_.client_key);
+      ssl.pem_cert_chain = testing::TestCerts::Slurp(certs_.client_cert);
+      ssl.pem_private_key = testing::TestCerts::Slurp(certs_.client_key);
     }
     return v1::ParamServer::NewStub(grpc::CreateChannel(Target(), grpc::SslCredentials(ssl)));
   }
@@ -85,7 +86,7 @@ class TlsTest : public ::testing::Test {
 
   std::string Bearer() const { return "Bearer " + certs_.token; }
 
-  tls_test::TestCerts certs_;
+  testing::TestCerts certs_;
   metrics::Registry registry_;
   std::unique_ptr<server::ParamServer> domain_;
   std::unique_ptr<rpc::RunningServer> running_;
@@ -143,7 +144,7 @@ TEST_F(TlsTest, WrongTokenIsUnauthenticatedAndNotEchoed) {
 TEST_F(TlsTest, HealthNeedsNoToken) {
   ASSERT_NO_FATAL_FAILURE(Start(/*mutual=*/false));
   grpc::SslCredentialsOptions ssl;
-  ssl.pem_root_certs = tls_test::TestCerts::Slurp(certs_.ca);
+  ssl.pem_root_certs = testing::TestCerts::Slurp(certs_.ca);
   auto channel = grpc::CreateChannel(Target(), grpc::SslCredentials(ssl));
   grpc::GenericStub generic(channel);
   // grpc.health.v1.HealthCheckRequest{service: ""} is the empty message.
