@@ -65,7 +65,7 @@ std::string TorchBlas() {
 }
 
 // Bytes that cross between the processes for one lookup: x up, every answer tensor down.
-int64_t PayloadBytes(const torch::Tensor& x, const worker::LookupResult& r) {
+int64_t PayloadBytes(const torch::Tensor& x, const worker::LookupReply& r) {
   int64_t bytes = x.numel() * 4;
   for (const torch::Tensor* t : {&r.keys, &r.values, &r.token_gates, &r.router_rows}) {
     if (t->defined()) bytes += t->numel() * static_cast<int64_t>(t->element_size());

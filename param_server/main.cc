@@ -17,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "common/config/config.h"
 #include "common/logging/logging.h"
+#include "common/metrics/exposer.h"
 #include "common/metrics/metrics.h"
 #include "common/rpc/message_memory.h"
 #include "common/status.h"

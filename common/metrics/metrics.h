@@ -6,6 +6,7 @@
 //   meft::metrics::Counter& pushes =
 //       registry.AddCounter("meft_ps_push_total", "Gradient pushes received.", {{"shard", "0"}});
 //   pushes.Increment();
+//   // exposer.h serves it over HTTP:
 //   MEFT_ASSIGN_OR_RETURN(auto exposer, meft::metrics::Exposer::Start("0.0.0.0:9464", registry));
 //
 // Every Registry also exports `meft_process_resident_memory_bytes`, refreshed on each scrape
@@ -15,11 +16,12 @@
 // Histogram updates are atomic or take a short internal lock, and never allocate.
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -120,11 +122,15 @@ class Registry {
   // Everything registered, in the Prometheus text exposition format 0.0.4.
   std::string SerializeText() const;
 
+  // SerializeText as a function for an HTTP endpoint (exposer.h) that may outlive the registry:
+  // it holds the registry's metrics weakly and returns nullopt once the registry is gone. Safe to
+  // call from any thread.
+  std::function<std::optional<std::string>()> Scraper() const;
+
   // One message per misuse of the Add* rules above, oldest first.
   std::vector<std::string> registration_errors() const;
 
  private:
-  friend class Exposer;
   enum class Type { kCounter, kGauge, kHistogram };
   // Checks the naming rules; returns false if Prometheus cannot export the metric. Appends to
   // errors_. Requires mutex_.
@@ -144,43 +150,6 @@ class Registry {
   std::map<std::string, std::unique_ptr<Histogram>> histograms_;
   std::map<std::string, Type> types_;  // Type of every exported name. Guarded by mutex_.
   std::vector<std::string> errors_;    // Guarded by mutex_.
-};
-
-// Serves GET /metrics over HTTP/1.1 (one response per connection, then close) on its own thread,
-// until destroyed.
-//
-// A small server of our own rather than prometheus-cpp's civetweb one: Debian's civetweb is built
-// with USE_STACK_SIZE=102400 and creates every thread with a 100 KiB stack, and glibc carves the
-// static TLS of all loaded libraries out of each thread's stack. With LibTorch loaded (OpenBLAS,
-// glog and libtorch_cpu bring about 106 KiB of static TLS) pthread_create fails with EINVAL, so
-// civetweb could never start inside meft-worker. This thread gets the default stack.
-class Exposer {
- public:
-  // `bind_address` is "host:port" ("127.0.0.1:9464", "0.0.0.0:0", "[::1]:0"); port 0 picks a
-  // free port, see port(). INVALID_ARGUMENT for a malformed address, UNAVAILABLE if the server
-  // cannot listen there. `registry` need not outlive the Exposer (a scrape after the registry
-  // is gone returns no metrics).
-  static absl::StatusOr<std::unique_ptr<Exposer>> Start(const std::string& bind_address,
-                                                        Registry& registry);
-  // Stops the server; a request being answered is cut off, the port is free afterwards.
-  ~Exposer();
-  Exposer(const Exposer&) = delete;
-  Exposer& operator=(const Exposer&) = delete;
-
-  // The port actually listened on.
-  int port() const { return port_; }
-
- private:
-  Exposer(int listen_fd, int wake_read_fd, int wake_write_fd, int port,
-          std::weak_ptr<internal::RegistryCollectable> collectable);
-  void Serve();                 // The accept loop, on thread_.
-  void Answer(int connection);  // Reads one request from `connection` and answers it.
-  const int listen_fd_;
-  const int wake_read_fd_;  // Readable once the destructor asks the thread to stop.
-  const int wake_write_fd_;
-  const int port_;
-  const std::weak_ptr<internal::RegistryCollectable> collectable_;
-  std::thread thread_;
 };
 
 // The bounds start, start*factor, ..., start*factor^(count-1), stopping early at the first that

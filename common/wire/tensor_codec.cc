@@ -68,7 +68,7 @@ std::string ShapeString(std::span<const int64_t> shape) {
                       "]");
 }
 
-absl::Status CheckTensor(const WireTensor& tensor, absl::string_view field,
+absl::Status CheckTensor(const TensorView& tensor, absl::string_view field,
                          const TensorSpec& spec) {
   bool dtype_ok = false;
   for (DType d : spec.dtypes) dtype_ok |= (d == tensor.dtype);
@@ -110,13 +110,13 @@ absl::Status CheckTensor(const WireTensor& tensor, absl::string_view field,
   return absl::OkStatus();
 }
 
-int64_t NumElements(const WireTensor& tensor) {
+int64_t NumElements(const TensorView& tensor) {
   int64_t numel = 1;
   for (int64_t d : tensor.shape) numel *= d;
   return numel;
 }
 
-absl::Status DecodeFloats(const WireTensor& tensor, absl::string_view field, bool require_finite,
+absl::Status DecodeFloats(const TensorView& tensor, absl::string_view field, bool require_finite,
                           std::vector<float>* out) {
   const int64_t numel = NumElements(tensor);
   out->resize(static_cast<size_t>(numel));
@@ -145,7 +145,7 @@ absl::Status DecodeFloats(const WireTensor& tensor, absl::string_view field, boo
   return absl::OkStatus();
 }
 
-void DecodeInt32(const WireTensor& tensor, std::vector<int32_t>* out) {
+void DecodeInt32(const TensorView& tensor, std::vector<int32_t>* out) {
   out->resize(static_cast<size_t>(NumElements(tensor)));
   if (out->empty()) return;  // data() may be null, which memcpy does not allow
   std::memcpy(out->data(), tensor.data.data(), out->size() * sizeof(int32_t));

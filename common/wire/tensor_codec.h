@@ -2,7 +2,7 @@
 
 // Bounds-checked conversion between the wire form of a tensor (raw little-endian bytes with a
 // dtype and a row-major shape) and plain C++ buffers. Independent of protobuf: rpc/ code maps
-// proto messages onto WireTensor and back.
+// proto messages onto TensorView and back.
 
 #include <cstdint>
 #include <optional>
@@ -27,7 +27,7 @@ uint16_t FloatToBf16(float value);
 float Bf16ToFloat(uint16_t value);
 
 // A tensor as it arrives: `data` is borrowed and must outlive the view.
-struct WireTensor {
+struct TensorView {
   DType dtype = DType::kFp32;
   std::vector<int64_t> shape;
   absl::string_view data;
@@ -57,19 +57,19 @@ struct TensorSpec {
 // `spec.max_elements`, and that data holds exactly numel * DTypeSize bytes. Errors are
 // INVALID_ARGUMENT (RESOURCE_EXHAUSTED when over max_elements) and name `field`, e.g.
 // "x.shape: expected [*, 64], got [3, 65]".
-absl::Status CheckTensor(const WireTensor& tensor, absl::string_view field, const TensorSpec& spec);
+absl::Status CheckTensor(const TensorView& tensor, absl::string_view field, const TensorSpec& spec);
 
 // Number of elements; the tensor must have passed CheckTensor.
-int64_t NumElements(const WireTensor& tensor);
+int64_t NumElements(const TensorView& tensor);
 
 // Decodes an fp32 or bf16 tensor into `out` (resized to numel). With `require_finite`, a NaN
 // or infinity gives INVALID_ARGUMENT "<field>.data: non-finite value at element i".
 // Preconditions: CheckTensor passed.
-absl::Status DecodeFloats(const WireTensor& tensor, absl::string_view field, bool require_finite,
+absl::Status DecodeFloats(const TensorView& tensor, absl::string_view field, bool require_finite,
                           std::vector<float>* out);
 
 // Decodes an int32 tensor. Preconditions: CheckTensor passed with dtype int32.
-void DecodeInt32(const WireTensor& tensor, std::vector<int32_t>* out);
+void DecodeInt32(const TensorView& tensor, std::vector<int32_t>* out);
 
 // Appends `values` encoded as `dtype` (fp32 or bf16) to `out`.
 void EncodeFloats(std::span<const float> values, DType dtype, std::string* out);

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "gpu_worker/model/status_error.h"
 
 namespace meft::worker {
 namespace {
@@ -35,10 +36,8 @@ template <typename Call>
 auto Guarded(const char* method, Call call) -> decltype(call()) {
   try {
     return call();
-  } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat(method, ": ", e.what_without_backtrace()));
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat(method, ": ", e.what()));
+  } catch (...) {
+    return StatusFromCurrentException(method);
   }
 }
 
@@ -56,7 +55,7 @@ torch::Tensor FloatRowsOn(const torch::Tensor& rows, torch::Device device) {
   return rows.to(device).to(torch::kFloat32);
 }
 
-DeviceRows ToDevice(const LookupResult& r, torch::Device device, bool per_token, bool gated) {
+DeviceRows ToDevice(const LookupReply& r, torch::Device device, bool per_token, bool gated) {
   DeviceRows d;
   d.keys = FloatRowsOn(r.keys, device);
   d.values = FloatRowsOn(r.values, device);
@@ -92,10 +91,10 @@ class MeftFunction : public torch::autograd::Function<MeftFunction> {
   // `fetched`: the answer of a lookup already made (overlap), or null to look up here.
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor q,
                                torch::Tensor mask, torch::Tensor /*anchor*/, MeftAdapter* adapter,
-                               int64_t layer, const LookupResult* fetched) {
-    const ServerDescription& server = adapter->server();
-    const StepHeader h = adapter->header(layer);
-    const LookupResult r =
+                               int64_t layer, const LookupReply* fetched) {
+    const ServerInfo& server = adapter->server();
+    const RequestHeader h = adapter->header(layer);
+    const LookupReply r =
         fetched != nullptr ? *fetched : adapter->Fetch(h, q, mask, /*training=*/true);
     const auto transfer_start = Clock::now();
     const DeviceRows rows = ToDevice(r, x.device(), server.per_token, server.gated);
@@ -119,8 +118,8 @@ class MeftFunction : public torch::autograd::Function<MeftFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     auto* adapter = reinterpret_cast<MeftAdapter*>(ctx->saved_data["adapter"].toInt());
-    const ServerDescription& server = adapter->server();
-    const StepHeader h{static_cast<uint64_t>(ctx->saved_data["step"].toInt()),
+    const ServerInfo& server = adapter->server();
+    const RequestHeader h{static_cast<uint64_t>(ctx->saved_data["step"].toInt()),
                        static_cast<uint32_t>(ctx->saved_data["micro_step"].toInt()),
                        static_cast<uint32_t>(ctx->saved_data["layer"].toInt())};
     const variable_list saved = ctx->get_saved_variables();
@@ -131,7 +130,7 @@ class MeftFunction : public torch::autograd::Function<MeftFunction> {
     if (saved.size() > 3) {
       rows = {saved[3], saved[4], saved[5], saved[6], saved[7], saved[8]};
     } else {
-      const LookupResult r = adapter->Fetch(h, q, mask, /*training=*/true);
+      const LookupReply r = adapter->Fetch(h, q, mask, /*training=*/true);
       const auto transfer_start = Clock::now();
       rows = ToDevice(r, x.device(), server.per_token, server.gated);
       adapter->AddTransferSeconds(SecondsSince(transfer_start));
@@ -186,7 +185,7 @@ class MeftFunction : public torch::autograd::Function<MeftFunction> {
 
 }  // namespace
 
-torch::Tensor MeftOutputReference(const LookupResult& r, const torch::Tensor& x,
+torch::Tensor MeftOutputReference(const LookupReply& r, const torch::Tensor& x,
                                   const torch::Tensor& q, const torch::Tensor& mask, bool per_token,
                                   bool gated, const torch::Tensor& keys,
                                   const torch::Tensor& values, const torch::Tensor& router) {
@@ -210,7 +209,7 @@ torch::Tensor MeftOutputReference(const LookupResult& r, const torch::Tensor& x,
   return torch::stack(out);
 }
 
-MeftAdapter::MeftAdapter(ParamClient* client, const ServerDescription& server,
+MeftAdapter::MeftAdapter(ParamClient* client, const ServerInfo& server,
                          const MeftAdapterOptions& options)
     : client_(client), server_(server), options_(options) {}
 
@@ -281,11 +280,11 @@ void MeftAdapter::Launch(int64_t layer, const torch::Tensor& q, const torch::Ten
     std::lock_guard lock(timings_mu_);
     ++timings_.lookups;
   }
-  const StepHeader h = header(layer);
+  const RequestHeader h = header(layer);
   const bool training = training_;
   auto result = Background([this, h, q = q.detach(), mask, training] {
     const auto start = Clock::now();
-    absl::StatusOr<LookupResult> r =
+    absl::StatusOr<LookupReply> r =
         Guarded("Lookup", [&] { return client_->Lookup(h, q, mask, training); });
     RecordCall(SecondsSince(start));
     return r;
@@ -324,15 +323,15 @@ torch::Tensor MeftAdapter::FfnDelta(int64_t layer, const torch::Tensor& ffn_inpu
   if (x.is_cuda()) torch::cuda::synchronize(x.device().index());
 
   // With overlap the lookup was started by FfnInputReady (of this layer or of layer - p).
-  std::optional<LookupResult> fetched;
+  std::optional<LookupReply> fetched;
   if (auto it = pending_lookups_.find(layer); it != pending_lookups_.end()) {
     const PendingLookup pending = std::move(it->second);
     pending_lookups_.erase(it);
     q = pending.query;
     const auto start = Clock::now();
-    const absl::StatusOr<LookupResult>& r = pending.result.get();
+    const absl::StatusOr<LookupReply>& r = pending.result.get();
     RecordWait(SecondsSince(start));
-    TORCH_CHECK(r.ok(), std::string(r.status().message()));
+    ThrowIfError(r.status());
     fetched = *r;
   }
 
@@ -343,7 +342,7 @@ torch::Tensor MeftAdapter::FfnDelta(int64_t layer, const torch::Tensor& ffn_inpu
                             fetched.has_value() ? &*fetched : nullptr);
   } else {
     torch::NoGradGuard no_grad;
-    const LookupResult r =
+    const LookupReply r =
         fetched.has_value() ? *fetched : Fetch(header(layer), q, mask, /*training=*/false);
     const auto transfer_start = Clock::now();
     const DeviceRows rows = ToDevice(r, x.device(), server_.per_token, server_.gated);
@@ -356,22 +355,22 @@ torch::Tensor MeftAdapter::FfnDelta(int64_t layer, const torch::Tensor& ffn_inpu
   return y.reshape(ffn_input.sizes());
 }
 
-LookupResult MeftAdapter::Fetch(const StepHeader& h, const torch::Tensor& q,
+LookupReply MeftAdapter::Fetch(const RequestHeader& h, const torch::Tensor& q,
                                 const torch::Tensor& mask, bool training) {
   {
     std::lock_guard lock(timings_mu_);
     ++timings_.lookups;
   }
   const auto start = Clock::now();
-  absl::StatusOr<LookupResult> r = client_->Lookup(h, q, mask, training);
+  absl::StatusOr<LookupReply> r = client_->Lookup(h, q, mask, training);
   const double seconds = SecondsSince(start);
   RecordCall(seconds);
   RecordWait(seconds);
-  TORCH_CHECK(r.ok(), std::string(r.status().message()));
+  ThrowIfError(r.status());
   return *std::move(r);
 }
 
-void MeftAdapter::SendGradients(const StepHeader& h, const torch::Tensor& key_grads,
+void MeftAdapter::SendGradients(const RequestHeader& h, const torch::Tensor& key_grads,
                                 const torch::Tensor& value_grads, const torch::Tensor& gate_grads) {
   {
     std::lock_guard lock(timings_mu_);
@@ -383,7 +382,7 @@ void MeftAdapter::SendGradients(const StepHeader& h, const torch::Tensor& key_gr
     const double seconds = SecondsSince(start);
     RecordCall(seconds);
     RecordWait(seconds);
-    TORCH_CHECK(sent.ok(), std::string(sent.message()));
+    ThrowIfError(sent);
     return;
   }
   std::shared_future<absl::Status> previous;

@@ -63,7 +63,7 @@ class MeftAdapter : public AdapterHooks {
  public:
   // `client` must outlive the adapter. `server` describes the server's mode and layers; the
   // adapter applies to exactly the layers the server owns.
-  MeftAdapter(ParamClient* client, const ServerDescription& server,
+  MeftAdapter(ParamClient* client, const ServerInfo& server,
               const MeftAdapterOptions& options);
   // Waits for every background call (their results are dropped).
   ~MeftAdapter() override;
@@ -102,17 +102,17 @@ class MeftAdapter : public AdapterHooks {
 
   // Called by the autograd function; not for other callers.
   const MeftAdapterOptions& options() const { return options_; }
-  const ServerDescription& server() const { return server_; }
-  StepHeader header(int64_t layer) const {
+  const ServerInfo& server() const { return server_; }
+  RequestHeader header(int64_t layer) const {
     return {step_, micro_step_, static_cast<uint32_t>(layer)};
   }
-  // A synchronous lookup (timed); throws c10::Error with the server's message.
-  LookupResult Fetch(const StepHeader& header, const torch::Tensor& q, const torch::Tensor& mask,
+  // A synchronous lookup (timed); throws StatusError with the server's Status.
+  LookupReply Fetch(const RequestHeader& header, const torch::Tensor& q, const torch::Tensor& mask,
                      bool training);
-  // Sends one layer's gradients: synchronously (throws c10::Error on failure), or with overlap in
+  // Sends one layer's gradients: synchronously (throws StatusError on failure), or with overlap in
   // the background after the previous send of the same layer (so the server accumulates in the
   // same order), for FinishBackward to collect.
-  void SendGradients(const StepHeader& header, const torch::Tensor& key_grads,
+  void SendGradients(const RequestHeader& header, const torch::Tensor& key_grads,
                      const torch::Tensor& value_grads, const torch::Tensor& gate_grads);
   void AddTransferSeconds(double seconds);
 
@@ -121,10 +121,10 @@ class MeftAdapter : public AdapterHooks {
   struct PendingLookup {
     torch::Tensor query;  // [N, d], in the autograd graph (the gate's gradient flows into it)
     torch::Tensor mask;   // [N] bool
-    std::shared_future<absl::StatusOr<LookupResult>> result;
+    std::shared_future<absl::StatusOr<LookupReply>> result;
   };
   struct SentGradients {
-    StepHeader header;
+    RequestHeader header;
     std::shared_future<absl::Status> done;
   };
   // ffn_input [B, T, d] as [N, d] with its [N] bool mask; the same tensors for FfnInputReady and
@@ -138,7 +138,7 @@ class MeftAdapter : public AdapterHooks {
   void RecordWait(double seconds);
 
   ParamClient* client_;
-  ServerDescription server_;
+  ServerInfo server_;
   MeftAdapterOptions options_;
   uint64_t step_ = 0;
   uint32_t micro_step_ = 0;
@@ -163,7 +163,7 @@ class MeftAdapter : public AdapterHooks {
 // The adapter output for fetched rows, differentiable in x, q and the rows through plain LibTorch
 // autograd: the obviously-correct reference the custom backward is tested against, and the
 // computation used when no gradients are needed. x, q: [N, d]; mask: [N] bool.
-torch::Tensor MeftOutputReference(const LookupResult& rows, const torch::Tensor& x,
+torch::Tensor MeftOutputReference(const LookupReply& rows, const torch::Tensor& x,
                                   const torch::Tensor& q, const torch::Tensor& mask, bool per_token,
                                   bool gated, const torch::Tensor& keys,
                                   const torch::Tensor& values, const torch::Tensor& router);

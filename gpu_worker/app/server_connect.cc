@@ -16,10 +16,10 @@ namespace {
 constexpr char kStoreLoading[] = "store loading";
 
 // Describes the server at `address`, waiting while it loads its store.
-absl::StatusOr<ServerDescription> DescribeWhenReady(ParamClient& client, const std::string& key,
+absl::StatusOr<ServerInfo> DescribeWhenReady(ParamClient& client, const std::string& key,
                                                     const std::string& address,
                                                     const BackoffOptions& backoff) {
-  absl::StatusOr<ServerDescription> described;
+  absl::StatusOr<ServerInfo> described;
   const absl::Status waited = RetryWhileUnavailable(
       [&]() -> absl::Status {
         described = client.Describe();
@@ -79,12 +79,12 @@ absl::StatusOr<ConnectedServers> ConnectParamServers(const WorkerConfig& c,
   out.addresses = absl::StrJoin(addresses, ",");
   const BackoffOptions backoff = ReconnectBackoff(c);
   std::vector<ParamShard> shards;
-  std::vector<ServerDescription> descriptions;
+  std::vector<ServerInfo> descriptions;
   for (const std::string& address : addresses) {
     GrpcClientOptions o = base;
     o.address = address;
     MEFT_ASSIGN_OR_RETURN(std::unique_ptr<ParamClient> client, CreateGrpcParamClient(o));
-    MEFT_ASSIGN_OR_RETURN(ServerDescription d,
+    MEFT_ASSIGN_OR_RETURN(ServerInfo d,
                           DescribeWhenReady(*client, out.key, address, backoff));
     descriptions.push_back(std::move(d));
     shards.push_back({address, std::move(client)});

@@ -17,7 +17,7 @@ namespace meft::worker {
 
 struct ConnectedServers {
   std::unique_ptr<ParamClient> client;  // one server's client, or a ShardedParamClient
-  ServerDescription description;        // merged over the shards
+  ServerInfo description;        // merged over the shards
   std::string key;                      // "meft.server" or "meft.servers", for messages
   std::string addresses;                // comma-separated, for messages
 };

@@ -224,7 +224,7 @@ absl::StatusOr<std::unique_ptr<WorkerSession>> OpenSession(const WorkerConfig& c
     co.shm_pin = c.shm_pin;
     MEFT_ASSIGN_OR_RETURN(ConnectedServers connected, ConnectParamServers(c, co));
     s->client = std::move(connected.client);
-    ServerDescription server = connected.description;
+    ServerInfo server = connected.description;
     if (server.dim != d) {
       return absl::FailedPreconditionError(absl::StrCat(
           connected.key, ": the parameter server at ", connected.addresses, " has d = ", server.dim,

@@ -4,14 +4,14 @@ namespace meft::worker {
 
 ForwardingParamClient::ForwardingParamClient(ParamClient* inner) : inner_(inner) {}
 
-absl::StatusOr<LookupResult> ForwardingParamClient::Lookup(const StepHeader& header,
+absl::StatusOr<LookupReply> ForwardingParamClient::Lookup(const RequestHeader& header,
                                                            const torch::Tensor& x,
                                                            const torch::Tensor& token_mask,
                                                            bool training) {
   return inner_->Lookup(header, x, token_mask, training);
 }
 
-absl::Status ForwardingParamClient::Gradients(const StepHeader& header,
+absl::Status ForwardingParamClient::Gradients(const RequestHeader& header,
                                               const torch::Tensor& key_grads,
                                               const torch::Tensor& value_grads,
                                               const torch::Tensor& gate_grads) {
@@ -39,7 +39,7 @@ absl::Status ForwardingParamClient::RestoreCheckpoint(const std::string& path) {
   return inner_->RestoreCheckpoint(path);
 }
 
-absl::StatusOr<ServerDescription> ForwardingParamClient::Describe() { return inner_->Describe(); }
+absl::StatusOr<ServerInfo> ForwardingParamClient::Describe() { return inner_->Describe(); }
 
 absl::StatusOr<uint64_t> ForwardingParamClient::RestartStep() { return inner_->RestartStep(); }
 

@@ -24,9 +24,9 @@ class ForwardingParamClient : public ParamClient {
  public:
   explicit ForwardingParamClient(ParamClient* inner);
 
-  absl::StatusOr<LookupResult> Lookup(const StepHeader& header, const torch::Tensor& x,
+  absl::StatusOr<LookupReply> Lookup(const RequestHeader& header, const torch::Tensor& x,
                                       const torch::Tensor& token_mask, bool training) override;
-  absl::Status Gradients(const StepHeader& header, const torch::Tensor& key_grads,
+  absl::Status Gradients(const RequestHeader& header, const torch::Tensor& key_grads,
                          const torch::Tensor& value_grads,
                          const torch::Tensor& gate_grads) override;
   absl::StatusOr<double> GradNorm(uint64_t step) override;
@@ -34,7 +34,7 @@ class ForwardingParamClient : public ParamClient {
   absl::Status Step(uint64_t step, double lr, double clip_factor) override;
   absl::StatusOr<std::string> SaveCheckpoint(const std::string& directory) override;
   absl::Status RestoreCheckpoint(const std::string& path) override;
-  absl::StatusOr<ServerDescription> Describe() override;
+  absl::StatusOr<ServerInfo> Describe() override;
   absl::StatusOr<uint64_t> RestartStep() override;
 
   // The client calls go to (never null).

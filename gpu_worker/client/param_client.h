@@ -14,14 +14,14 @@
 
 namespace meft::worker {
 
-struct StepHeader {
+struct RequestHeader {
   uint64_t step = 0;
   uint32_t micro_step = 0;
   uint32_t layer = 0;
 };
 
 // A lookup's answer. All tensors live on the CPU; ids are int64.
-struct LookupResult {
+struct LookupReply {
   torch::Tensor row_ids;        // [S]
   torch::Tensor keys;           // [S, d] fp32 or bf16
   torch::Tensor values;         // [S, d]
@@ -33,7 +33,7 @@ struct LookupResult {
   bool replayed = false;
 };
 
-struct ServerDescription {
+struct ServerInfo {
   std::vector<uint32_t> layers;
   int64_t rows = 0, dim = 0, experts = 0, n_probe = 0, top_k = 0, max_rows = 0, max_tokens = 0;
   bool per_token = true;  // false: union mode
@@ -48,10 +48,10 @@ class ParamClient {
   virtual ~ParamClient() = default;
   // x: [T, d] float tensor (any device; copied to the CPU); token_mask: [T] (nonzero = real
   // token) or undefined for all real. `training` keeps the lookup for Gradients.
-  virtual absl::StatusOr<LookupResult> Lookup(const StepHeader& header, const torch::Tensor& x,
+  virtual absl::StatusOr<LookupReply> Lookup(const RequestHeader& header, const torch::Tensor& x,
                                               const torch::Tensor& token_mask, bool training) = 0;
   // Gradients of the lookup `header`, rows in its row_ids order; gate_grads [T, k] or undefined.
-  virtual absl::Status Gradients(const StepHeader& header, const torch::Tensor& key_grads,
+  virtual absl::Status Gradients(const RequestHeader& header, const torch::Tensor& key_grads,
                                  const torch::Tensor& value_grads,
                                  const torch::Tensor& gate_grads) = 0;
   // Squared norm of the gradients accumulated for `step` over every layer the server owns.
@@ -67,12 +67,12 @@ class ParamClient {
   // Returns the checkpoint folder written.
   virtual absl::StatusOr<std::string> SaveCheckpoint(const std::string& directory) = 0;
   virtual absl::Status RestoreCheckpoint(const std::string& path) = 0;
-  virtual absl::StatusOr<ServerDescription> Describe() = 0;
+  virtual absl::StatusOr<ServerInfo> Describe() = 0;
   // The optimizer step training can continue from after a server restarted from its last
   // checkpoint: the server's step (over several servers, the lowest; the others are then rolled
   // back by RestoreCheckpoint). UNAVAILABLE while a server cannot be reached or is loading.
   virtual absl::StatusOr<uint64_t> RestartStep() {
-    absl::StatusOr<ServerDescription> d = Describe();
+    absl::StatusOr<ServerInfo> d = Describe();
     if (!d.ok()) return d.status();
     return d->step;
   }

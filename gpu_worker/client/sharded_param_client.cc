@@ -15,7 +15,7 @@ namespace {
 
 // The fields every shard must agree on, by name, for error messages. Not the step: a shard
 // restarted from an older checkpoint is behind until the worker resumes and rolls them all back.
-std::vector<std::pair<const char*, int64_t>> SharedFields(const ServerDescription& d) {
+std::vector<std::pair<const char*, int64_t>> SharedFields(const ServerInfo& d) {
   return {{"rows (r)", d.rows},         {"dim (d)", d.dim},
           {"experts (E)", d.experts},   {"n_probe", d.n_probe},
           {"top_k", d.top_k},           {"max_rows", d.max_rows},
@@ -25,12 +25,12 @@ std::vector<std::pair<const char*, int64_t>> SharedFields(const ServerDescriptio
 
 }  // namespace
 
-absl::StatusOr<ServerDescription> MergeShardDescriptions(
-    const std::vector<std::string>& addresses, const std::vector<ServerDescription>& descriptions) {
+absl::StatusOr<ServerInfo> MergeShardDescriptions(
+    const std::vector<std::string>& addresses, const std::vector<ServerInfo>& descriptions) {
   if (descriptions.empty() || descriptions.size() != addresses.size()) {
     return absl::InvalidArgumentError("meft.servers: no parameter server given");
   }
-  ServerDescription merged = descriptions[0];
+  ServerInfo merged = descriptions[0];
   std::map<uint32_t, size_t> owner;
   for (size_t i = 0; i < descriptions.size(); ++i) {
     const auto want = SharedFields(descriptions[0]);
@@ -70,8 +70,8 @@ absl::StatusOr<std::unique_ptr<ShardedParamClient>> ShardedParamClient::Create(
   if (shards.empty()) return absl::InvalidArgumentError("meft.servers: no parameter server given");
   std::unique_ptr<ShardedParamClient> c(new ShardedParamClient(std::move(shards)));
   for (const ParamShard& s : c->shards_) c->addresses_.push_back(s.address);
-  MEFT_ASSIGN_OR_RETURN(const std::vector<ServerDescription> all, c->DescribeAll());
-  MEFT_ASSIGN_OR_RETURN(const ServerDescription merged, MergeShardDescriptions(c->addresses_, all));
+  MEFT_ASSIGN_OR_RETURN(const std::vector<ServerInfo> all, c->DescribeAll());
+  MEFT_ASSIGN_OR_RETURN(const ServerInfo merged, MergeShardDescriptions(c->addresses_, all));
   for (size_t i = 0; i < all.size(); ++i) {
     for (uint32_t l : all[i].layers) c->owner_[l] = i;
   }
@@ -79,8 +79,8 @@ absl::StatusOr<std::unique_ptr<ShardedParamClient>> ShardedParamClient::Create(
   return c;
 }
 
-absl::StatusOr<std::vector<ServerDescription>> ShardedParamClient::DescribeAll() const {
-  std::vector<ServerDescription> out(shards_.size());
+absl::StatusOr<std::vector<ServerInfo>> ShardedParamClient::DescribeAll() const {
+  std::vector<ServerInfo> out(shards_.size());
   MEFT_RETURN_IF_ERROR(ForEachShard([&](size_t i) -> absl::Status {
     MEFT_ASSIGN_OR_RETURN(out[i], shards_[i].client->Describe());
     return absl::OkStatus();
@@ -131,7 +131,7 @@ absl::StatusOr<ParamClient*> ShardedParamClient::Owner(uint32_t layer) const {
   return shards_[it->second].client.get();
 }
 
-absl::StatusOr<LookupResult> ShardedParamClient::Lookup(const StepHeader& header,
+absl::StatusOr<LookupReply> ShardedParamClient::Lookup(const RequestHeader& header,
                                                         const torch::Tensor& x,
                                                         const torch::Tensor& token_mask,
                                                         bool training) {
@@ -139,7 +139,7 @@ absl::StatusOr<LookupResult> ShardedParamClient::Lookup(const StepHeader& header
   return owner->Lookup(header, x, token_mask, training);
 }
 
-absl::Status ShardedParamClient::Gradients(const StepHeader& header, const torch::Tensor& key_grads,
+absl::Status ShardedParamClient::Gradients(const RequestHeader& header, const torch::Tensor& key_grads,
                                            const torch::Tensor& value_grads,
                                            const torch::Tensor& gate_grads) {
   MEFT_ASSIGN_OR_RETURN(ParamClient * owner, Owner(header.layer));
@@ -191,9 +191,9 @@ absl::Status ShardedParamClient::RestoreCheckpoint(const std::string& path) {
   return ForEachShard([&](size_t i) { return shards_[i].client->RestoreCheckpoint(paths[i]); });
 }
 
-absl::StatusOr<ServerDescription> ShardedParamClient::Describe() {
-  MEFT_ASSIGN_OR_RETURN(const std::vector<ServerDescription> all, DescribeAll());
-  MEFT_ASSIGN_OR_RETURN(ServerDescription merged, MergeShardDescriptions(addresses_, all));
+absl::StatusOr<ServerInfo> ShardedParamClient::Describe() {
+  MEFT_ASSIGN_OR_RETURN(const std::vector<ServerInfo> all, DescribeAll());
+  MEFT_ASSIGN_OR_RETURN(ServerInfo merged, MergeShardDescriptions(addresses_, all));
   for (size_t i = 1; i < all.size(); ++i) {
     if (all[i].step != all[0].step) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -222,9 +222,9 @@ absl::StatusOr<ServerDescription> ShardedParamClient::Describe() {
 }
 
 absl::StatusOr<uint64_t> ShardedParamClient::RestartStep() {
-  MEFT_ASSIGN_OR_RETURN(const std::vector<ServerDescription> all, DescribeAll());
+  MEFT_ASSIGN_OR_RETURN(const std::vector<ServerInfo> all, DescribeAll());
   uint64_t lowest = all[0].step;
-  for (const ServerDescription& d : all) lowest = std::min(lowest, d.step);
+  for (const ServerInfo& d : all) lowest = std::min(lowest, d.step);
   return lowest;
 }
 

@@ -27,8 +27,8 @@ struct ParamShard {
 // naming both shard addresses and the field), owned layers must be disjoint (error naming the
 // layer and both shards); `layers` is their sorted union and `step` the lowest shard step.
 // `descriptions[i]` belongs to `addresses[i]`.
-absl::StatusOr<ServerDescription> MergeShardDescriptions(
-    const std::vector<std::string>& addresses, const std::vector<ServerDescription>& descriptions);
+absl::StatusOr<ServerInfo> MergeShardDescriptions(
+    const std::vector<std::string>& addresses, const std::vector<ServerInfo>& descriptions);
 
 // Several shard checkpoint paths travel through ParamClient's single-string checkpoint API
 // joined by '\n' (shard order); one shard's path is itself.
@@ -44,9 +44,9 @@ class ShardedParamClient final : public ParamClient {
 
   // Thread-safe for concurrent calls on different layers (the routing never changes after
   // Create; each shard's client is thread-safe). A layer no shard owns gets NOT_FOUND.
-  absl::StatusOr<LookupResult> Lookup(const StepHeader& header, const torch::Tensor& x,
+  absl::StatusOr<LookupReply> Lookup(const RequestHeader& header, const torch::Tensor& x,
                                       const torch::Tensor& token_mask, bool training) override;
-  absl::Status Gradients(const StepHeader& header, const torch::Tensor& key_grads,
+  absl::Status Gradients(const RequestHeader& header, const torch::Tensor& key_grads,
                          const torch::Tensor& value_grads,
                          const torch::Tensor& gate_grads) override;
   absl::StatusOr<double> GradNorm(uint64_t step) override;
@@ -59,7 +59,7 @@ class ShardedParamClient final : public ParamClient {
   absl::Status RestoreCheckpoint(const std::string& path) override;
   // Describes every shard again; the layers must still be the ones routed at Create and every
   // shard must be at the same step (FAILED_PRECONDITION naming two shards and their steps).
-  absl::StatusOr<ServerDescription> Describe() override;
+  absl::StatusOr<ServerInfo> Describe() override;
   // The lowest step over the shards (a restarted shard is behind the others).
   absl::StatusOr<uint64_t> RestartStep() override;
 
@@ -71,7 +71,7 @@ class ShardedParamClient final : public ParamClient {
   // Runs fn(i) for every shard, shards after the first on their own threads; the first error in
   // shard order, or OK.
   absl::Status ForEachShard(const std::function<absl::Status(size_t)>& fn) const;
-  absl::StatusOr<std::vector<ServerDescription>> DescribeAll() const;
+  absl::StatusOr<std::vector<ServerInfo>> DescribeAll() const;
 
   std::vector<ParamShard> shards_;
   std::vector<std::string> addresses_;

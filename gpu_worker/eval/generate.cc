@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "gpu_worker/data/dataset.h"
+#include "gpu_worker/model/status_error.h"
 
 namespace meft::worker {
 namespace {
@@ -263,10 +264,8 @@ absl::StatusOr<Sequences> Generate(const LlamaModel& model, const Sequences& pro
             BeamSearchBatch(model, prompts, indices, eos_id, pad_id, options, hooks, &out));
       }
     }
-  } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("generate: ", e.what_without_backtrace()));
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("generate: ", e.what()));
+  } catch (...) {
+    return StatusFromCurrentException("generate");
   }
   return out;
 }

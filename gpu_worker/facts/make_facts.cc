@@ -22,6 +22,7 @@
 #include "common/safetensors/safetensors.h"
 #include "common/status.h"
 #include "gpu_worker/data/dataset.h"
+#include "gpu_worker/model/llama_tensors.h"
 #include "gpu_worker/tokenizer/sentencepiece_tokenizer.h"
 #include "gpu_worker/tokenizer/tokenizer.h"
 
@@ -474,27 +475,25 @@ class WeightWriter {
 
 absl::StatusOr<int64_t> WriteWeights(const FactsOptions& o, int64_t vocab_size,
                                      const std::string& path) {
-  const int64_t d = o.hidden_size;
-  const int64_t head_dim = d / o.num_heads;
-  const int64_t kv = o.num_kv_heads * head_dim;
+  const int64_t head_dim = o.hidden_size / o.num_heads;
+  const LlamaDims dims{.vocab_size = vocab_size,
+                       .hidden_size = o.hidden_size,
+                       .intermediate_size = o.intermediate_size,
+                       .num_layers = o.num_layers,
+                       .q_out = o.num_heads * head_dim,
+                       .kv_out = o.num_kv_heads * head_dim};
   WeightWriter w(o.seed);
-  w.Normal("model.embed_tokens.weight", {vocab_size, d});
-  for (int64_t l = 0; l < o.num_layers; ++l) {
-    const std::string p = absl::StrCat("model.layers.", l, ".");
-    w.Ones(p + "input_layernorm.weight", {d});
-    w.Normal(p + "self_attn.q_proj.weight", {d, d});
-    w.Normal(p + "self_attn.k_proj.weight", {kv, d});
-    w.Normal(p + "self_attn.v_proj.weight", {kv, d});
-    w.Normal(p + "self_attn.o_proj.weight", {d, d});
-    w.Ones(p + "post_attention_layernorm.weight", {d});
-    w.Normal(p + "mlp.gate_proj.weight", {o.intermediate_size, d});
-    w.Normal(p + "mlp.up_proj.weight", {o.intermediate_size, d});
-    w.Normal(p + "mlp.down_proj.weight", {d, o.intermediate_size});
+  for (const LlamaTensorSpec& t : LlamaTensorSpecs(dims)) {
+    if (t.is_norm()) {
+      w.Ones(t.name, t.shape);
+    } else if (t.role == LlamaTensorRole::kLmHead) {
+      // Not 0.02: the final RMSNorm output has RMS 1, so with N(0, 0.02) rows at d = 64 no logit
+      // can exceed about 1.3 and no adapter could make a confident prediction (see FactsOptions).
+      w.Normal(t.name, t.shape, o.output_init_std);
+    } else {
+      w.Normal(t.name, t.shape);
+    }
   }
-  w.Ones("model.norm.weight", {d});
-  // Not 0.02: the final RMSNorm output has RMS 1, so with N(0, 0.02) rows at d = 64 no logit can
-  // exceed about 1.3 and no adapter could make a confident prediction (see FactsOptions).
-  w.Normal("lm_head.weight", {vocab_size, d}, o.output_init_std);
   MEFT_RETURN_IF_ERROR(w.Write(path));
   return w.num_parameters();
 }

@@ -20,7 +20,7 @@ int64_t TensorBytes(const torch::Tensor& t) {
   return t.defined() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0;
 }
 
-int64_t LookupBytes(const LookupResult& r) {
+int64_t LookupBytes(const LookupReply& r) {
   int64_t total = 0;
   for (const torch::Tensor* t : {&r.row_ids, &r.keys, &r.values, &r.token_rows, &r.token_gates,
                                  &r.token_experts, &r.expert_ids, &r.router_rows}) {
@@ -52,7 +52,7 @@ torch::Tensor MeteredParamClient::Stage(const torch::Tensor& t) {
   return host;
 }
 
-absl::StatusOr<LookupResult> MeteredParamClient::Lookup(const StepHeader& header,
+absl::StatusOr<LookupReply> MeteredParamClient::Lookup(const RequestHeader& header,
                                                         const torch::Tensor& x,
                                                         const torch::Tensor& token_mask,
                                                         bool training) {
@@ -60,14 +60,14 @@ absl::StatusOr<LookupResult> MeteredParamClient::Lookup(const StepHeader& header
   const torch::Tensor host_mask = Stage(token_mask);
   meter_->bytes_sent.fetch_add(TensorBytes(host_x) + TensorBytes(host_mask),
                                std::memory_order_relaxed);
-  absl::StatusOr<LookupResult> result =
+  absl::StatusOr<LookupReply> result =
       Timed([&] { return inner_->Lookup(header, host_x, host_mask, training); });
   if (result.ok())
     meter_->bytes_received.fetch_add(LookupBytes(*result), std::memory_order_relaxed);
   return result;
 }
 
-absl::Status MeteredParamClient::Gradients(const StepHeader& header, const torch::Tensor& key_grads,
+absl::Status MeteredParamClient::Gradients(const RequestHeader& header, const torch::Tensor& key_grads,
                                            const torch::Tensor& value_grads,
                                            const torch::Tensor& gate_grads) {
   const torch::Tensor k = Stage(key_grads), v = Stage(value_grads), g = Stage(gate_grads);
@@ -97,7 +97,7 @@ absl::Status MeteredParamClient::RestoreCheckpoint(const std::string& path) {
   return Timed([&] { return inner_->RestoreCheckpoint(path); });
 }
 
-absl::StatusOr<ServerDescription> MeteredParamClient::Describe() {
+absl::StatusOr<ServerInfo> MeteredParamClient::Describe() {
   return Timed([&] { return inner_->Describe(); });
 }
 

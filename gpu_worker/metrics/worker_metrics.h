@@ -28,7 +28,7 @@ namespace meft::worker {
 // Payload bytes of a tensor: numel * element size; 0 when undefined.
 int64_t TensorBytes(const torch::Tensor& t);
 // Payload bytes of a lookup answer (every defined tensor in it).
-int64_t LookupBytes(const LookupResult& result);
+int64_t LookupBytes(const LookupReply& result);
 
 // Totals since construction, updated by MeteredParamClient from any thread.
 struct ClientMeter {
@@ -46,9 +46,9 @@ class MeteredParamClient : public ParamClient {
  public:
   MeteredParamClient(std::unique_ptr<ParamClient> inner, ClientMeter* meter);
 
-  absl::StatusOr<LookupResult> Lookup(const StepHeader& header, const torch::Tensor& x,
+  absl::StatusOr<LookupReply> Lookup(const RequestHeader& header, const torch::Tensor& x,
                                       const torch::Tensor& token_mask, bool training) override;
-  absl::Status Gradients(const StepHeader& header, const torch::Tensor& key_grads,
+  absl::Status Gradients(const RequestHeader& header, const torch::Tensor& key_grads,
                          const torch::Tensor& value_grads,
                          const torch::Tensor& gate_grads) override;
   absl::StatusOr<double> GradNorm(uint64_t step) override;
@@ -56,7 +56,7 @@ class MeteredParamClient : public ParamClient {
   absl::Status Step(uint64_t step, double lr, double clip_factor) override;
   absl::StatusOr<std::string> SaveCheckpoint(const std::string& directory) override;
   absl::Status RestoreCheckpoint(const std::string& path) override;
-  absl::StatusOr<ServerDescription> Describe() override;
+  absl::StatusOr<ServerInfo> Describe() override;
   absl::StatusOr<uint64_t> RestartStep() override;
 
  private:

@@ -5,6 +5,12 @@
 // hooks synchronously from Forward on the caller's thread; whatever a hook returns stays in the
 // autograd graph, so gradients from the logits reach the adapter's parameters and, through the
 // hook's inputs, earlier layers.
+//
+// Hooks may throw, and Forward (or autograd's backward, for what a hook put in the graph) passes
+// the exception on unchanged: c10::Error from LibTorch, std::bad_alloc, and StatusError
+// (status_error.h) for a failed call whose absl::Status the caller should see, such as a
+// parameter-server call that found the server UNAVAILABLE. Whoever runs Forward or backward on
+// an adapter turns them back into a Status (StatusFromCurrentException).
 
 #include <torch/types.h>
 

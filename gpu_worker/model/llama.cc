@@ -157,33 +157,15 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromWeights(
     return out;
   };
 
-  const int64_t d = c.hidden_size, f = c.intermediate_size, v = c.vocab_size;
-  const int64_t q_out = c.num_attention_heads * c.head_dim;
-  const int64_t kv_out = c.num_key_value_heads * c.head_dim;
   try {
-    MEFT_ASSIGN_OR_RETURN(model->embed_tokens_, take("model.embed_tokens.weight", {v, d}));
     model->layers_.resize(c.num_hidden_layers);
-    for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-      const std::string p = absl::StrCat("model.layers.", i, ".");
-      Layer& l = model->layers_[i];
-      MEFT_ASSIGN_OR_RETURN(l.input_layernorm, take(p + "input_layernorm.weight", {d}));
-      MEFT_ASSIGN_OR_RETURN(l.q_proj, take(p + "self_attn.q_proj.weight", {q_out, d}));
-      MEFT_ASSIGN_OR_RETURN(l.k_proj, take(p + "self_attn.k_proj.weight", {kv_out, d}));
-      MEFT_ASSIGN_OR_RETURN(l.v_proj, take(p + "self_attn.v_proj.weight", {kv_out, d}));
-      MEFT_ASSIGN_OR_RETURN(l.o_proj, take(p + "self_attn.o_proj.weight", {d, q_out}));
-      MEFT_ASSIGN_OR_RETURN(l.post_attention_layernorm,
-                            take(p + "post_attention_layernorm.weight", {d}));
-      MEFT_ASSIGN_OR_RETURN(l.gate_proj, take(p + "mlp.gate_proj.weight", {f, d}));
-      MEFT_ASSIGN_OR_RETURN(l.up_proj, take(p + "mlp.up_proj.weight", {f, d}));
-      MEFT_ASSIGN_OR_RETURN(l.down_proj, take(p + "mlp.down_proj.weight", {d, f}));
+    for (const LlamaTensorSpec& t : LlamaTensorSpecs(LlamaDimsOf(c))) {
+      MEFT_ASSIGN_OR_RETURN(*model->Slot(t), take(t.name, t.shape));
     }
-    MEFT_ASSIGN_OR_RETURN(model->norm_, take("model.norm.weight", {d}));
     if (c.tie_word_embeddings) {
       // transformers ignores a stored head of a tied model; so do we.
       model->lm_head_ = model->embed_tokens_;
       weights.erase("lm_head.weight");
-    } else {
-      MEFT_ASSIGN_OR_RETURN(model->lm_head_, take("lm_head.weight", {v, d}));
     }
     for (const auto& [name, tensor] : weights) {
       if (absl::EndsWith(name, "rotary_emb.inv_freq")) continue;
@@ -333,23 +315,49 @@ int64_t LlamaModel::NumParameters() const {
 
 std::map<std::string, torch::Tensor> LlamaModel::NamedParameters() const {
   std::map<std::string, torch::Tensor> out;
-  out["model.embed_tokens.weight"] = embed_tokens_;
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    const std::string p = absl::StrCat("model.layers.", i, ".");
-    const Layer& l = layers_[i];
-    out[p + "input_layernorm.weight"] = l.input_layernorm;
-    out[p + "self_attn.q_proj.weight"] = l.q_proj;
-    out[p + "self_attn.k_proj.weight"] = l.k_proj;
-    out[p + "self_attn.v_proj.weight"] = l.v_proj;
-    out[p + "self_attn.o_proj.weight"] = l.o_proj;
-    out[p + "post_attention_layernorm.weight"] = l.post_attention_layernorm;
-    out[p + "mlp.gate_proj.weight"] = l.gate_proj;
-    out[p + "mlp.up_proj.weight"] = l.up_proj;
-    out[p + "mlp.down_proj.weight"] = l.down_proj;
+  for (const LlamaTensorSpec& t : LlamaTensorSpecs(LlamaDimsOf(config_))) {
+    out[t.name] = Slot(t);
   }
-  out["model.norm.weight"] = norm_;
-  if (!config_.tie_word_embeddings) out["lm_head.weight"] = lm_head_;
   return out;
+}
+
+torch::Tensor* LlamaModel::Slot(const LlamaTensorSpec& t) {
+  using R = LlamaTensorRole;
+  switch (t.role) {
+    case R::kEmbedTokens:
+      return &embed_tokens_;
+    case R::kFinalNorm:
+      return &norm_;
+    case R::kLmHead:
+      return &lm_head_;
+    default:
+      break;
+  }
+  Layer& l = layers_.at(static_cast<size_t>(t.layer));
+  switch (t.role) {
+    case R::kInputLayernorm:
+      return &l.input_layernorm;
+    case R::kQProj:
+      return &l.q_proj;
+    case R::kKProj:
+      return &l.k_proj;
+    case R::kVProj:
+      return &l.v_proj;
+    case R::kOProj:
+      return &l.o_proj;
+    case R::kPostAttentionLayernorm:
+      return &l.post_attention_layernorm;
+    case R::kGateProj:
+      return &l.gate_proj;
+    case R::kUpProj:
+      return &l.up_proj;
+    case R::kDownProj:
+      return &l.down_proj;
+    default:
+      break;
+  }
+  TORCH_INTERNAL_ASSERT(false, "LlamaModel::Slot: unknown tensor role");
+  return nullptr;
 }
 
 }  // namespace meft::worker

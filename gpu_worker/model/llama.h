@@ -18,6 +18,7 @@
 
 #include "absl/status/statusor.h"
 #include "gpu_worker/model/adapter_hooks.h"
+#include "gpu_worker/model/llama_tensors.h"
 #include "gpu_worker/model/model_config.h"
 #include "gpu_worker/model/weights.h"
 
@@ -115,6 +116,12 @@ class LlamaModel {
 
   LlamaModel(ModelConfig config, torch::Device device, torch::ScalarType dtype)
       : config_(std::move(config)), device_(device), dtype_(dtype) {}
+
+  // The member that holds tensor `t` (layers_ must already have t.layer + 1 entries).
+  torch::Tensor* Slot(const LlamaTensorSpec& t);
+  const torch::Tensor& Slot(const LlamaTensorSpec& t) const {
+    return *const_cast<LlamaModel*>(this)->Slot(t);
+  }
 
   ModelConfig config_;
   torch::Device device_;

@@ -5,9 +5,11 @@
 #include <algorithm>
 #include <cstring>
 #include <span>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "common/wire/lookup_layout.h"
 #include "common/wire/tensor_codec.h"
 #include "gpu_worker/rpc/answer_tensor.h"
 
@@ -20,7 +22,7 @@ constexpr uint64_t kMinArenaBytes = uint64_t{64} << 20;
 constexpr uint64_t kMaxDefaultArenaBytes = uint64_t{4} << 30;
 
 // Rows one lookup of `tokens` tokens can select at most.
-int64_t MaxRows(const ServerDescription& s, int64_t tokens) {
+int64_t MaxRows(const ServerInfo& s, int64_t tokens) {
   int64_t rows = std::min(tokens * s.top_k, s.rows);
   if (s.max_rows > 0) rows = std::min(rows, s.max_rows);
   return std::max<int64_t>(rows, 0);
@@ -28,24 +30,25 @@ int64_t MaxRows(const ServerDescription& s, int64_t tokens) {
 
 }  // namespace
 
-uint64_t ResponseBytesBound(const ServerDescription& s, int64_t tokens,
+uint64_t ResponseBytesBound(const ServerInfo& s, int64_t tokens,
                             int64_t row_bytes_per_element) {
-  const uint64_t rows = static_cast<uint64_t>(MaxRows(s, tokens));
-  const uint64_t row_bytes = static_cast<uint64_t>(s.dim * row_bytes_per_element);
-  uint64_t total = shm::kAlignment + AlignUp(rows * 4) + 2 * AlignUp(rows * row_bytes);
-  if (s.per_token) {
-    const uint64_t slots = static_cast<uint64_t>(tokens * s.top_k);
-    total += 2 * AlignUp(slots * 4);  // token_rows, token_gates
-    if (s.gated) {
-      const uint64_t experts =
-          static_cast<uint64_t>(std::min(tokens * s.n_probe, std::max<int64_t>(s.experts, 0)));
-      total += AlignUp(slots * 4) + AlignUp(experts * 4) + AlignUp(experts * row_bytes);
-    }
-  }
-  return total;
+  const bool gated = s.per_token && s.gated;
+  const std::vector<wire::AnswerTensorLayout> layout = wire::LookupAnswerLayout(
+      {.rows = static_cast<uint64_t>(MaxRows(s, tokens)),
+       .row_bytes = static_cast<uint64_t>(s.dim * row_bytes_per_element),
+       .tokens = static_cast<uint64_t>(tokens),
+       .top_k = static_cast<uint64_t>(s.top_k),
+       .experts = gated ? static_cast<uint64_t>(std::min(tokens * s.n_probe,
+                                                         std::max<int64_t>(s.experts, 0)))
+                        : 0,
+       .per_token = s.per_token,
+       .gated = gated});
+  // The region's start is aligned by the allocator; the slack covers a server that aligns it
+  // again.
+  return wire::kAnswerAlignment + wire::PlacedBytes(layout);
 }
 
-uint64_t DefaultArenaBytes(const ServerDescription& s, int64_t row_bytes_per_element) {
+uint64_t DefaultArenaBytes(const ServerInfo& s, int64_t row_bytes_per_element) {
   const int64_t tokens = std::max<int64_t>(s.max_tokens, 1);
   const uint64_t rows = static_cast<uint64_t>(MaxRows(s, tokens));
   const uint64_t x = AlignUp(static_cast<uint64_t>(tokens * s.dim) * 4);

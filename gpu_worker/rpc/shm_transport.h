@@ -23,14 +23,14 @@
 
 namespace meft::worker {
 
-// Upper bound of the bytes the server writes for one lookup of `tokens` tokens (every tensor of
-// the answer, each 64-byte aligned), for rows of `row_bytes_per_element` bytes.
-uint64_t ResponseBytesBound(const ServerDescription& server, int64_t tokens,
+// Upper bound of the bytes the server writes for one lookup of `tokens` tokens (the answer's
+// layout, common/wire/lookup_layout.h, at its largest), for rows of `row_bytes_per_element` bytes.
+uint64_t ResponseBytesBound(const ServerInfo& server, int64_t tokens,
                             int64_t row_bytes_per_element);
 
 // Default arena size for `server`: room for two lookups of max_tokens tokens in flight (x, the
 // answer, and fp32 gradients), at least 64 MiB and at most 4 GiB.
-uint64_t DefaultArenaBytes(const ServerDescription& server, int64_t row_bytes_per_element);
+uint64_t DefaultArenaBytes(const ServerInfo& server, int64_t row_bytes_per_element);
 
 class ShmTransport;
 

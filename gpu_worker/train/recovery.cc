@@ -26,9 +26,14 @@ absl::Status Trainer::RecoverFromServerLoss(const absl::Status& failure,
   const auto unreachable = [](const absl::Status& s) {
     return absl::IsUnavailable(s) || absl::IsDeadlineExceeded(s);
   };
-  const absl::StatusOr<uint64_t> probe = target_.server->RestartStep();
-  const bool lost = unreachable(failure) || unreachable(probe.status()) ||
-                    (probe.ok() && static_cast<int64_t>(*probe) != step_);
+  // The failure keeps the code of the server call that failed (StatusError through the hooks),
+  // so an unreachable server needs no probe; any other failure is checked against the server's
+  // step, since a server that restarted quickly answers again, with an error about the step.
+  bool lost = unreachable(failure);
+  if (!lost) {
+    const absl::StatusOr<uint64_t> probe = target_.server->RestartStep();
+    lost = unreachable(probe.status()) || (probe.ok() && static_cast<int64_t>(*probe) != step_);
+  }
   if (!lost) return failure;
   std::fprintf(stderr, "\nparameter server lost at step %lld: %s\n", static_cast<long long>(step_),
                std::string(failure.message()).c_str());

@@ -2,12 +2,18 @@
 
 #include <array>
 #include <cstring>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
+#include "common/wire/lookup_layout.h"
+#include "param_server/rpc/answer_sinks.h"
 
 namespace meft::rpc {
 namespace {
+
+static_assert(wire::kAnswerAlignment == shm::kAlignment,
+              "answers are placed on the arena's region alignment");
 
 absl::StatusOr<wire::DType> DTypeFromProto(int dtype, absl::string_view field) {
   switch (dtype) {
@@ -44,17 +50,17 @@ server::RequestHeader HeaderFromProto(const v1::RequestHeader& h) {
   return {h.step(), h.micro_step(), h.layer()};
 }
 
-absl::StatusOr<wire::WireTensor> Required(const v1::Tensor& tensor, absl::string_view field,
+absl::StatusOr<wire::TensorView> Required(const v1::Tensor& tensor, absl::string_view field,
                                           const shm::Arena* arena) {
   MEFT_ASSIGN_OR_RETURN(auto t, TensorFromProto(tensor, field, arena));
   if (!t.has_value()) return absl::InvalidArgumentError(absl::StrCat(field, ": missing"));
   return *std::move(t);
 }
 
-// The request's response_region as the call's output memory; nullopt when it offers none.
-absl::StatusOr<std::optional<server::LookupCall::Output>> OutputFromProto(
+// The request's response_region as the call's answer sink; null when it offers none.
+absl::StatusOr<std::shared_ptr<server::AnswerSink>> AnswerSinkFromProto(
     const v1::LookupRequest& request, const shm::Arena* arena) {
-  if (!request.has_response_region()) return std::nullopt;
+  if (!request.has_response_region()) return nullptr;
   if (arena == nullptr) {
     return absl::InvalidArgumentError("response_region: set, but the request names no arena_id");
   }
@@ -66,12 +72,12 @@ absl::StatusOr<std::optional<server::LookupCall::Output>> OutputFromProto(
                                                    " do not lie inside the arena's usable range [",
                                                    shm::kHeaderBytes, ", ", arena->size(), ")"));
   }
-  return server::LookupCall::Output{arena->data(), offset, capacity, shm::kAlignment};
+  return std::make_shared<RegionAnswerSink>(arena->data(), offset, capacity);
 }
 
 }  // namespace
 
-absl::StatusOr<std::optional<wire::WireTensor>> TensorFromProto(const v1::Tensor& tensor,
+absl::StatusOr<std::optional<wire::TensorView>> TensorFromProto(const v1::Tensor& tensor,
                                                                 absl::string_view field,
                                                                 const shm::Arena* arena) {
   if (tensor.dtype() == v1::DTYPE_UNSPECIFIED && tensor.shape_size() == 0 &&
@@ -80,7 +86,7 @@ absl::StatusOr<std::optional<wire::WireTensor>> TensorFromProto(const v1::Tensor
   }
   MEFT_ASSIGN_OR_RETURN(wire::DType dtype,
                         DTypeFromProto(tensor.dtype(), absl::StrCat(field, ".dtype")));
-  wire::WireTensor out;
+  wire::TensorView out;
   out.dtype = dtype;
   out.shape.assign(tensor.shape().begin(), tensor.shape().end());
   out.data = tensor.data();
@@ -122,7 +128,7 @@ absl::StatusOr<server::LookupCall> FromProto(const v1::LookupRequest& request,
   MEFT_ASSIGN_OR_RETURN(call.token_mask,
                         TensorFromProto(request.token_mask(), "token_mask", arena));
   call.training = request.training();
-  MEFT_ASSIGN_OR_RETURN(call.output, OutputFromProto(request, arena));
+  MEFT_ASSIGN_OR_RETURN(call.answer_sink, AnswerSinkFromProto(request, arena));
   if (request.row_dtype() != v1::DTYPE_UNSPECIFIED) {
     MEFT_ASSIGN_OR_RETURN(call.row_dtype, DTypeFromProto(request.row_dtype(), "row_dtype"));
   }

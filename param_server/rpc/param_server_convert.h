@@ -19,7 +19,7 @@ namespace meft::rpc {
 // in the shared-memory arena (`tensor.arena`) needs `arena` (the request's attached arena, null
 // when the request names none), no inline data, and a span inside the arena's usable part;
 // errors name `<field>.arena`. The view then points into the arena.
-absl::StatusOr<std::optional<wire::WireTensor>> TensorFromProto(const v1::Tensor& tensor,
+absl::StatusOr<std::optional<wire::TensorView>> TensorFromProto(const v1::Tensor& tensor,
                                                                 absl::string_view field,
                                                                 const shm::Arena* arena = nullptr);
 
@@ -27,14 +27,14 @@ absl::StatusOr<std::optional<wire::WireTensor>> TensorFromProto(const v1::Tensor
 void TensorToProto(wire::Tensor&& tensor, v1::Tensor* out);
 
 // `arena`: the arena of the request's arena_id, null when it names none. A response_region
-// becomes the call's output (checked to lie inside the arena; errors name response_region).
+// becomes the call's answer sink (checked to lie inside the arena; errors name response_region).
 absl::StatusOr<server::LookupCall> FromProto(const v1::LookupRequest& request,
                                              const shm::Arena* arena = nullptr);
 absl::StatusOr<server::GradientsCall> FromProto(const v1::GradientsRequest& request,
                                                 const shm::Arena* arena = nullptr);
 server::StepCall FromProto(const v1::StepRequest& request);
 
-// Tensors the server wrote into the call's output memory (placed_offset) become arena spans;
+// Tensors the server wrote into the call's answer sink (placed_offset) become arena spans;
 // the others move their bytes into the message.
 void ToProto(server::LookupReply&& reply, v1::LookupResponse* out);
 void ToProto(const server::GradientsReply& reply, v1::GradientsResponse* out);

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status.h"
+#include "common/wire/lookup_layout.h"
 #include "param_server/server/memory_budget.h"
 #include "spdlog/spdlog.h"
 
@@ -60,47 +61,35 @@ void HashBlock(const store::ParamBlock& b, Hasher* h) {
     h->Add(b.grad.data() + int64_t{r} * b.dim, b.dim * sizeof(float));
 }
 
-// Where the tensors of one answer go: into the caller's output memory when all of them fit
-// (each aligned, in the order they are started), else into each tensor's own bytes.
+// Where the tensors of one answer go: into the call's AnswerSink when it takes the whole layout,
+// else into each tensor's own bytes.
 class AnswerWriter {
  public:
-  // `sizes`: the byte size of every tensor the answer will start, in order.
-  AnswerWriter(const std::optional<LookupCall::Output>& output, std::span<const uint64_t> sizes) {
-    if (!output.has_value() || output->base == nullptr) return;
-    const uint64_t end = output->begin + output->capacity;
-    uint64_t at = output->begin;
-    for (uint64_t bytes : sizes) {
-      at = Align(at, output->alignment);
-      if (at > end || bytes > end - at) return;
-      at += bytes;
-    }
-    output_ = &*output;
-    next_ = output->begin;
-    sizes_.assign(sizes.begin(), sizes.end());
+  AnswerWriter(AnswerSink* sink, std::vector<wire::AnswerTensorLayout> layout)
+      : layout_(std::move(layout)) {
+    if (sink != nullptr && sink->Reserve(layout_)) sink_ = sink;
   }
 
-  bool placed() const { return output_ != nullptr; }
+  bool placed() const { return sink_ != nullptr; }
 
   // Makes `t` a present tensor of `dtype` and `shape` and returns where its `bytes` bytes go.
   char* Start(wire::Tensor* t, wire::DType dtype, std::vector<int64_t> shape, uint64_t bytes) {
     *t = wire::Tensor{true, dtype, std::move(shape), {}};
-    if (output_ == nullptr) {
+    if (sink_ == nullptr) {
       t->data.resize(bytes);
       return t->data.data();
     }
-    // The layout checked in the constructor is the only thing that keeps these writes inside
-    // memory another process offered: a tensor it did not size is a bug, never written.
-    if (index_ >= sizes_.size() || bytes != sizes_[index_]) {
-      spdlog::critical("AnswerWriter: tensor {} of {} bytes was not in the checked layout", index_,
+    // The layout the sink accepted is the only thing that keeps these writes inside memory
+    // another process offered: a tensor it did not size is a bug, never written.
+    if (index_ >= layout_.size() || bytes != layout_[index_].bytes) {
+      spdlog::critical("AnswerWriter: tensor {} of {} bytes was not in the reserved layout", index_,
                        bytes);
       std::abort();
     }
-    ++index_;
-    next_ = Align(next_, output_->alignment);
-    t->placed_offset = next_;
+    uint64_t offset = 0;
+    char* dst = sink_->Place(index_++, &offset);
+    t->placed_offset = offset;
     t->placed_bytes = bytes;
-    char* dst = reinterpret_cast<char*>(output_->base + next_);
-    next_ += bytes;
     return dst;
   }
 
@@ -110,14 +99,9 @@ class AnswerWriter {
   }
 
  private:
-  static uint64_t Align(uint64_t at, uint64_t alignment) {
-    return (at + alignment - 1) & ~(alignment - 1);
-  }
-
-  const LookupCall::Output* output_ = nullptr;
-  std::vector<uint64_t> sizes_;  // the checked layout, in order
-  size_t index_ = 0;             // tensors started so far
-  uint64_t next_ = 0;
+  const std::vector<wire::AnswerTensorLayout> layout_;
+  AnswerSink* sink_ = nullptr;
+  size_t index_ = 0;  // tensors started so far
 };
 
 const char* ModeName(Mode m) { return m == Mode::kPerToken ? "per_token" : "union"; }
@@ -304,8 +288,66 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
   const auto start = Clock::now();
   const RequestHeader& h = call.header;
   MEFT_ASSIGN_OR_RETURN(Layer * layer, FindLayer(h.layer, "header.layer"));
-
   // Validate and decode everything before touching state.
+  wire::DType row_dtype = options_.wire_dtype;
+  MEFT_ASSIGN_OR_RETURN(const std::shared_ptr<CachedLookup> cached, DecodeLookup(call, &row_dtype));
+
+  const CacheKey key{h.step, h.micro_step};
+  CacheCharge cache_charge(this);  // returned unless the lookup is cached
+  std::shared_ptr<const CachedLookup> replay;  // the lookup served before, for a replay
+  std::shared_lock params_lock(layer->params_mu, std::defer_lock);
+  if (call.training) {
+    const auto deadline =
+        Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                           std::chrono::duration<double>(options_.step_wait_seconds));
+    for (;;) {
+      MEFT_RETURN_IF_ERROR(AwaitStep(layer, call, deadline));
+      params_lock.lock();
+      std::lock_guard state_lock(layer->state_mu);
+      if (layer->store.step != h.step) {
+        if (layer->store.step > h.step) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "header.step: lookup ", Where(h),
+              " is for a step already applied; the server is at step ", layer->store.step));
+        }
+        params_lock.unlock();
+        continue;  // a restore moved the layer back; wait again
+      }
+      MEFT_ASSIGN_OR_RETURN(replay, AdmitToCache(layer, h, cached.get(), &cache_charge));
+      break;
+    }
+  } else {
+    params_lock.lock();
+  }
+
+  const store::LayerStore& st = layer->store;
+  const bool replayed = replay != nullptr;
+  if (!replayed) {
+    cached->selection = routing::Select(st, cached->x.data(), cached->num_tokens,
+                                        cached->mask.empty() ? nullptr : cached->mask.data(),
+                                        options_.selector, kernels_);
+  }
+  const routing::Selection& sel = replayed ? replay->selection : cached->selection;
+  MEFT_ASSIGN_OR_RETURN(LookupReply reply,
+                        EncodeAnswer(st, sel, call, row_dtype, cached->num_tokens));
+  reply.replayed = replayed;
+  params_lock.unlock();
+
+  if (call.training && !replayed) {
+    std::lock_guard state_lock(layer->state_mu);
+    // A concurrent identical lookup may have inserted first (either answer is the same), or even
+    // had its gradients applied already: then there is nothing left to keep.
+    if (layer->store.step == h.step && !layer->done.count(key) &&
+        layer->cache.emplace(key, cached).second) {
+      cache_charge.Keep();
+    }
+  }
+  RecordLookup(sel, st.experts, replayed, start);
+  return reply;
+}
+
+absl::StatusOr<std::shared_ptr<CachedLookup>> ParamServer::DecodeLookup(
+    const LookupCall& call, wire::DType* row_dtype) const {
   MEFT_RETURN_IF_ERROR(wire::CheckTensor(
       call.x, "x",
       {{wire::DType::kFp32, wire::DType::kBf16}, {-1, options_.dim}, int64_t{1} << 40}));
@@ -330,96 +372,76 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
       }
     }
   }
-  const wire::DType row_dtype = call.row_dtype.value_or(options_.wire_dtype);
-  if (row_dtype != wire::DType::kFp32 && row_dtype != wire::DType::kBf16) {
+  *row_dtype = call.row_dtype.value_or(options_.wire_dtype);
+  if (*row_dtype != wire::DType::kFp32 && *row_dtype != wire::DType::kBf16) {
     return absl::InvalidArgumentError(
-        absl::StrCat("row_dtype: expected fp32 or bf16, got ", wire::DTypeName(row_dtype)));
+        absl::StrCat("row_dtype: expected fp32 or bf16, got ", wire::DTypeName(*row_dtype)));
   }
+  return cached;
+}
 
-  const CacheKey key{h.step, h.micro_step};
-  CacheCharge cache_charge(this);  // returned unless the lookup is cached
-  std::shared_ptr<const CachedLookup> selection_source;
-  bool replayed = false;
-  std::shared_lock params_lock(layer->params_mu, std::defer_lock);
-  if (call.training) {
-    // Wait (without the parameter lock, so Step can run) until the layer reaches h.step.
-    const auto deadline =
-        Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                           std::chrono::duration<double>(options_.step_wait_seconds));
-    for (;;) {
-      {
-        std::unique_lock state_lock(layer->state_mu);
-        // Wake up periodically to notice cancellation; Step and shutdown notify at once.
-        while (layer->store.step < h.step) {
-          // Only Step(h.step - 1) can be in flight: a lookup further ahead would hold a server
-          // thread until step_wait_seconds for nothing.
-          if (h.step > layer->store.step + 1) {
-            return absl::FailedPreconditionError(absl::StrCat(
-                "header.step: lookup ", Where(h), " is more than one step ahead of the server, "
-                "which is at step ", layer->store.step));
-          }
-          if (shutting_down_) {
-            return absl::UnavailableError(
-                absl::StrCat("lookup ", Where(h), ": the server is shutting down"));
-          }
-          if (call.is_cancelled && call.is_cancelled()) {
-            return absl::CancelledError(absl::StrCat("lookup ", Where(h), ": cancelled"));
-          }
-          if (Clock::now() >= deadline) {
-            return absl::FailedPreconditionError(absl::StrCat(
-                "header.step: lookup ", Where(h), " is ahead of the server, which is at step ",
-                layer->store.step, " (timed out waiting for Step(", layer->store.step, "))"));
-          }
-          layer->step_cv.wait_until(
-              state_lock, std::min(deadline, Clock::now() + std::chrono::milliseconds(100)));
-        }
-      }
-      params_lock.lock();
-      std::lock_guard state_lock(layer->state_mu);
-      if (layer->store.step != h.step) {
-        if (layer->store.step > h.step) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              "header.step: lookup ", Where(h),
-              " is for a step already applied; the server is at step ", layer->store.step));
-        }
-        params_lock.unlock();
-        continue;  // a restore moved the layer back; wait again
-      }
-      if (layer->done.count(key)) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("header: gradients for lookup ", Where(h), " were already applied"));
-      }
-      auto it = layer->cache.find(key);
-      if (it != layer->cache.end()) {
-        if (it->second->x != cached->x || it->second->mask != cached->mask) {
-          return absl::AlreadyExistsError(
-              absl::StrCat("header: lookup ", Where(h), " was already served with a different x"));
-        }
-        selection_source = it->second;
-        replayed = true;
-      } else if (static_cast<int64_t>(layer->cache.size()) >= options_.max_pending_lookups) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "header: layer ", h.layer, " already holds ", layer->cache.size(),
-            " training lookups awaiting gradients (max_pending_lookups); send their gradients or "
-            "Step first"));
-      } else {
-        MEFT_RETURN_IF_ERROR(cache_charge.Reserve(LookupCacheBytesBound(options_, num_tokens)));
-        cached->charged_bytes = cache_charge.bytes();
-      }
-      break;
+absl::Status ParamServer::AwaitStep(Layer* layer, const LookupCall& call,
+                                    std::chrono::steady_clock::time_point deadline) const {
+  const RequestHeader& h = call.header;
+  std::unique_lock state_lock(layer->state_mu);
+  // Wake up periodically to notice cancellation; Step and shutdown notify at once.
+  while (layer->store.step < h.step) {
+    // Only Step(h.step - 1) can be in flight: a lookup further ahead would hold a server thread
+    // until step_wait_seconds for nothing.
+    if (h.step > layer->store.step + 1) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "header.step: lookup ", Where(h), " is more than one step ahead of the server, "
+          "which is at step ", layer->store.step));
     }
-  } else {
-    params_lock.lock();
+    if (shutting_down_) {
+      return absl::UnavailableError(
+          absl::StrCat("lookup ", Where(h), ": the server is shutting down"));
+    }
+    if (call.is_cancelled && call.is_cancelled()) {
+      return absl::CancelledError(absl::StrCat("lookup ", Where(h), ": cancelled"));
+    }
+    if (Clock::now() >= deadline) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "header.step: lookup ", Where(h), " is ahead of the server, which is at step ",
+          layer->store.step, " (timed out waiting for Step(", layer->store.step, "))"));
+    }
+    layer->step_cv.wait_until(state_lock,
+                              std::min(deadline, Clock::now() + std::chrono::milliseconds(100)));
   }
+  return absl::OkStatus();
+}
 
-  const store::LayerStore& st = layer->store;
-  if (!replayed) {
-    cached->selection = routing::Select(st, cached->x.data(), num_tokens,
-                                        cached->mask.empty() ? nullptr : cached->mask.data(),
-                                        options_.selector, kernels_);
-    selection_source = cached;
+absl::StatusOr<std::shared_ptr<const CachedLookup>> ParamServer::AdmitToCache(
+    Layer* layer, const RequestHeader& h, CachedLookup* lookup, CacheCharge* charge) {
+  const CacheKey key{h.step, h.micro_step};
+  if (layer->done.count(key)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("header: gradients for lookup ", Where(h), " were already applied"));
   }
-  const routing::Selection& sel = selection_source->selection;
+  auto it = layer->cache.find(key);
+  if (it != layer->cache.end()) {
+    if (it->second->x != lookup->x || it->second->mask != lookup->mask) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("header: lookup ", Where(h), " was already served with a different x"));
+    }
+    return it->second;
+  }
+  if (static_cast<int64_t>(layer->cache.size()) >= options_.max_pending_lookups) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "header: layer ", h.layer, " already holds ", layer->cache.size(),
+        " training lookups awaiting gradients (max_pending_lookups); send their gradients or "
+        "Step first"));
+  }
+  MEFT_RETURN_IF_ERROR(charge->Reserve(LookupCacheBytesBound(options_, lookup->num_tokens)));
+  lookup->charged_bytes = charge->bytes();
+  return nullptr;
+}
+
+absl::StatusOr<LookupReply> ParamServer::EncodeAnswer(const store::LayerStore& st,
+                                                      const routing::Selection& sel,
+                                                      const LookupCall& call,
+                                                      wire::DType row_dtype,
+                                                      int64_t num_tokens) const {
   const int64_t n_rows = static_cast<int64_t>(sel.rows.size());
   const int64_t d = options_.dim;
   const uint64_t row_bytes = wire::DTypeSize(row_dtype) * static_cast<uint64_t>(d);
@@ -428,17 +450,20 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
   const int64_t k = options_.selector.top_k;
   const int64_t n_experts = gated ? static_cast<int64_t>(sel.experts.size()) : 0;
   const uint64_t rows = static_cast<uint64_t>(n_rows), experts = static_cast<uint64_t>(n_experts);
-  // Byte sizes of the answer's tensors, in LookupReply's field order, from the very vectors that
-  // are written (the writer checks that all of them fit before any is written).
-  std::vector<uint64_t> sizes = {rows * 4, rows * row_bytes, rows * row_bytes};
-  if (per_token) sizes.insert(sizes.end(), {sel.slot_pos.size() * 4, sel.slot_gates.size() * 4});
-  if (gated) {
-    sizes.insert(sizes.end(), {sel.slot_experts.size() * 4, experts * 4, experts * row_bytes});
-  }
-  AnswerWriter writer(call.output, sizes);
+  // The answer's layout (common/wire/lookup_layout.h); a sink checks that all of it fits before
+  // any tensor is written, and the writer that every tensor written has its size.
+  const std::vector<wire::AnswerTensorLayout> layout =
+      wire::LookupAnswerLayout({.rows = rows,
+                                .row_bytes = row_bytes,
+                                .tokens = static_cast<uint64_t>(num_tokens),
+                                .top_k = static_cast<uint64_t>(k),
+                                .experts = experts,
+                                .per_token = per_token,
+                                .gated = gated});
+  AnswerWriter writer(call.answer_sink.get(), layout);
   // Refuse, before anything is cached or counted, an answer the transport could not send.
   uint64_t reply_bytes = 4096;
-  for (uint64_t bytes : sizes) reply_bytes += bytes;
+  for (const wire::AnswerTensorLayout& t : layout) reply_bytes += t.bytes;
   if (!writer.placed() && options_.max_response_bytes > 0 &&
       reply_bytes > static_cast<uint64_t>(options_.max_response_bytes)) {
     return absl::ResourceExhaustedError(
@@ -450,7 +475,6 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
 
   // Each tensor is encoded once, straight to where it is sent from.
   LookupReply reply;
-  reply.replayed = replayed;
   reply.rows_dropped = static_cast<uint32_t>(sel.rows_dropped);
   writer.Int32(&reply.row_ids, sel.rows, {n_rows});
   wire::EncodeRowsTo(st.keys.param.data(), d, sel.rows, row_dtype,
@@ -477,37 +501,29 @@ absl::StatusOr<LookupReply> ParamServer::Lookup(const LookupCall& call) {
                        writer.Start(&reply.router_rows, row_dtype, {n_experts, d},
                                     experts * row_bytes));
   }
-  params_lock.unlock();
-
-  if (call.training && !replayed) {
-    std::lock_guard state_lock(layer->state_mu);
-    // A concurrent identical lookup may have inserted first (either answer is the same), or even
-    // had its gradients applied already: then there is nothing left to keep.
-    if (layer->store.step == h.step && !layer->done.count(key) &&
-        layer->cache.emplace(key, cached).second) {
-      cache_charge.Keep();
-    }
-  }
-
-  if (metrics_->lookups) {
-    const Metrics& m = *metrics_;
-    m.lookups->Increment();
-    if (replayed) m.lookups_replayed->Increment();
-    m.rows_served->Increment(static_cast<double>(n_rows));
-    m.unique_rows->Observe(static_cast<double>(n_rows));
-    m.rows_dropped->Increment(static_cast<double>(sel.rows_dropped));
-    int64_t total = 0, peak = 0;
-    for (int32_t load : sel.expert_load) {
-      total += load;
-      peak = std::max<int64_t>(peak, load);
-    }
-    if (total > 0) {
-      m.expert_imbalance->Set(static_cast<double>(peak) * static_cast<double>(st.experts) /
-                              static_cast<double>(total));
-    }
-    m.lookup_seconds->Observe(std::chrono::duration<double>(Clock::now() - start).count());
-  }
   return reply;
+}
+
+void ParamServer::RecordLookup(const routing::Selection& sel, int64_t experts, bool replayed,
+                               std::chrono::steady_clock::time_point start) const {
+  if (!metrics_->lookups) return;
+  const Metrics& m = *metrics_;
+  const double n_rows = static_cast<double>(sel.rows.size());
+  m.lookups->Increment();
+  if (replayed) m.lookups_replayed->Increment();
+  m.rows_served->Increment(n_rows);
+  m.unique_rows->Observe(n_rows);
+  m.rows_dropped->Increment(static_cast<double>(sel.rows_dropped));
+  int64_t total = 0, peak = 0;
+  for (int32_t load : sel.expert_load) {
+    total += load;
+    peak = std::max<int64_t>(peak, load);
+  }
+  if (total > 0) {
+    m.expert_imbalance->Set(static_cast<double>(peak) * static_cast<double>(experts) /
+                            static_cast<double>(total));
+  }
+  m.lookup_seconds->Observe(std::chrono::duration<double>(Clock::now() - start).count());
 }
 
 absl::StatusOr<GradientsReply> ParamServer::Gradients(const GradientsCall& call) {

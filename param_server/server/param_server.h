@@ -18,6 +18,7 @@
 // layer's waiting lookups as soon as that layer is done, while it updates the later ones.
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -34,6 +35,7 @@
 #include "common/metrics/metrics.h"
 #include "common/wire/tensor_codec.h"
 #include "param_server/checkpoint/checkpoint.h"
+#include "param_server/server/answer_sink.h"
 #include "param_server/kernels/dot.h"
 #include "param_server/optim/sparse_adam.h"
 #include "param_server/routing/selector.h"
@@ -80,25 +82,17 @@ struct RequestHeader {
 
 struct LookupCall {
   RequestHeader header;
-  wire::WireTensor x;                          // [T, d] fp32 or bf16
-  std::optional<wire::WireTensor> token_mask;  // [T] uint8 of 0/1
+  wire::TensorView x;                          // [T, d] fp32 or bf16
+  std::optional<wire::TensorView> token_mask;  // [T] uint8 of 0/1
   bool training = false;
   std::optional<wire::DType> row_dtype;  // fp32 or bf16
   // Polled while the lookup waits for the previous Step; true abandons the wait (CANCELLED).
   std::function<bool()> is_cancelled;
-  // Memory of the caller's that the answer may be written into (the shared-memory region a
-  // same-host worker offered): offsets count from `base`, usable [begin, begin + capacity).
-  struct Output {
-    uint8_t* base = nullptr;
-    uint64_t begin = 0;
-    uint64_t capacity = 0;
-    uint64_t alignment = 64;  // every tensor starts at a multiple of it (a power of two)
-  };
-  // When every tensor of the answer fits in `output`, each is encoded straight into it, in
-  // field order (the order of LookupReply's members), and the reply's tensors carry
-  // placed_offset instead of bytes; the server's message limit then does not apply. Otherwise
-  // the answer is built in the reply's own bytes, as without `output`.
-  std::optional<Output> output;
+  // Memory of the caller's that the answer may be written into (may be null): when the sink
+  // takes the whole layout, each tensor is encoded straight into it and the reply's tensors carry
+  // placed_offset instead of bytes, and the server's message limit does not apply. Otherwise the
+  // answer is built in the reply's own bytes.
+  std::shared_ptr<AnswerSink> answer_sink;
 };
 
 struct LookupReply {
@@ -116,9 +110,9 @@ struct LookupReply {
 
 struct GradientsCall {
   RequestHeader header;
-  wire::WireTensor key_grads;                  // [|S|, d] fp32 or bf16
-  wire::WireTensor value_grads;                // [|S|, d] fp32 or bf16
-  std::optional<wire::WireTensor> gate_grads;  // [T, top_k] fp32, gated per_token only
+  wire::TensorView key_grads;                  // [|S|, d] fp32 or bf16
+  wire::TensorView value_grads;                // [|S|, d] fp32 or bf16
+  std::optional<wire::TensorView> gate_grads;  // [T, top_k] fp32, gated per_token only
 };
 
 struct GradientsReply {
@@ -163,6 +157,8 @@ struct ServerInfo {
   std::string isa;
 };
 
+struct CachedLookup;  // a training lookup kept for its gradients (param_server.cc)
+
 class ParamServer {
  public:
   // Validates `options`, allocates and initialises every owned layer. `registry` (may be null)
@@ -198,8 +194,43 @@ class ParamServer {
  private:
   struct Layer;
   struct Metrics;
+  class CacheCharge;
   ParamServer(const ServerOptions& options, const kernels::Kernels& kernels,
               metrics::Registry* registry);
+
+  // Lookup's stages, in order: DecodeLookup checks and decodes the request without touching
+  // state; a training lookup then waits at the step gate (AwaitStep) and is admitted to the
+  // layer's lookup cache (AdmitToCache); the rows are selected (routing::Select) unless the lookup
+  // is a replay; EncodeAnswer writes the answer; the lookup is cached for its gradients; and
+  // RecordLookup counts it.
+  //
+  // The decoded x and mask, in the form the cache keeps them; `*row_dtype` gets the answer's row
+  // dtype.
+  absl::StatusOr<std::shared_ptr<CachedLookup>> DecodeLookup(const LookupCall& call,
+                                                             wire::DType* row_dtype) const;
+  // Waits, holding only the layer's state_mu (so Step can run), until `layer` reaches the
+  // lookup's step. FAILED_PRECONDITION for a lookup more than one step ahead or past `deadline`,
+  // UNAVAILABLE after BeginShutdown, CANCELLED when call.is_cancelled says so.
+  absl::Status AwaitStep(Layer* layer, const LookupCall& call,
+                         std::chrono::steady_clock::time_point deadline) const;
+  // With the layer at the lookup's step and its state_mu held: the lookup served before under
+  // the same (step, micro_step), to replay (ALREADY_EXISTS if its x differed); or null after
+  // reserving the new lookup's cache charge in `charge` (RESOURCE_EXHAUSTED when the layer holds
+  // max_pending_lookups or the budget is spent). FAILED_PRECONDITION when its gradients were
+  // already applied.
+  absl::StatusOr<std::shared_ptr<const CachedLookup>> AdmitToCache(Layer* layer,
+                                                                   const RequestHeader& header,
+                                                                   CachedLookup* lookup,
+                                                                   CacheCharge* charge);
+  // The answer for `selection` from `store` (its params_mu held shared), into the call's answer
+  // sink when it takes the layout; RESOURCE_EXHAUSTED for an inline answer over
+  // max_response_bytes.
+  absl::StatusOr<LookupReply> EncodeAnswer(const store::LayerStore& store,
+                                           const routing::Selection& selection,
+                                           const LookupCall& call, wire::DType row_dtype,
+                                           int64_t num_tokens) const;
+  void RecordLookup(const routing::Selection& selection, int64_t experts, bool replayed,
+                    std::chrono::steady_clock::time_point start) const;
 
   absl::StatusOr<Layer*> FindLayer(uint32_t id, absl::string_view field) const;
   absl::StatusOr<std::vector<Layer*>> ResolveLayers(const std::vector<uint32_t>& ids,

@@ -161,6 +161,12 @@ status=0
 # into the test programs is the build machine's.
 t0=$(date +%s)
 filter='*Cuda*'
+# The SmolLM2 golden needs the converted model (about 540 MB), which the kit cannot carry: it
+# runs only when MEFT_SMOLLM2_DIR names a copy on the GPU machine, and fails there if it is wrong.
+if [ -z "${MEFT_SMOLLM2_DIR:-}" ]; then
+  filter="$filter:-CudaGoldenTest.SmolLm2InBf16MatchesTransformers"
+  say "tests: CudaGoldenTest.SmolLm2InBf16MatchesTransformers left out (MEFT_SMOLLM2_DIR not set)"
+fi
 tests_rc=0
 ran_any=0
 for exe in "$kit"/tests/*; do

@@ -19,6 +19,8 @@
 #include <string_view>
 #include <vector>
 
+#include "common/metrics/exposer.h"
+
 namespace meft::metrics {
 namespace {
 

@@ -150,7 +150,7 @@ TEST(Bf16Test, ExactValuesRoundTrip) {
   }
 }
 
-WireTensor View(DType dtype, std::vector<int64_t> shape, const std::string& data) {
+TensorView View(DType dtype, std::vector<int64_t> shape, const std::string& data) {
   return {dtype, std::move(shape), data};
 }
 

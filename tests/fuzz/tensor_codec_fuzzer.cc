@@ -83,7 +83,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
   Reader in(data, size);
   static constexpr DType kTypes[] = {DType::kFp32, DType::kBf16, DType::kInt32, DType::kUint8};
-  meft::wire::WireTensor tensor;
+  meft::wire::TensorView tensor;
   tensor.dtype = kTypes[in.Byte() % 4];
   const int rank = in.Byte() % 5;
   const uint8_t flags = in.Byte();

@@ -227,25 +227,25 @@ class RecordingClient : public ParamClient {
     torch::Tensor key_grads, value_grads, gate_grads;
   };
 
-  RecordingClient(ParamClient* inner, ServerDescription description,
-                  std::map<uint32_t, LookupResult> replay = {})
+  RecordingClient(ParamClient* inner, ServerInfo description,
+                  std::map<uint32_t, LookupReply> replay = {})
       : inner_(inner), description_(std::move(description)), replay_(std::move(replay)) {}
 
-  absl::StatusOr<LookupResult> Lookup(const StepHeader& h, const torch::Tensor& x,
+  absl::StatusOr<LookupReply> Lookup(const RequestHeader& h, const torch::Tensor& x,
                                       const torch::Tensor& mask, bool training) override {
     {
       std::lock_guard lock(mu_);
       queries[h.layer] = x.detach().to(kCpu, torch::kFloat32);
     }
     if (auto it = replay_.find(h.layer); it != replay_.end()) return it->second;
-    absl::StatusOr<LookupResult> r = inner_->Lookup(h, x, mask, training);
+    absl::StatusOr<LookupReply> r = inner_->Lookup(h, x, mask, training);
     if (r.ok()) {
       std::lock_guard lock(mu_);
       lookups[h.layer] = *r;
     }
     return r;
   }
-  absl::Status Gradients(const StepHeader& h, const torch::Tensor& k, const torch::Tensor& v,
+  absl::Status Gradients(const RequestHeader& h, const torch::Tensor& k, const torch::Tensor& v,
                          const torch::Tensor& g) override {
     {
       std::lock_guard lock(mu_);
@@ -266,17 +266,17 @@ class RecordingClient : public ParamClient {
   absl::Status RestoreCheckpoint(const std::string&) override {
     return absl::UnimplementedError("RestoreCheckpoint: not used by this test");
   }
-  absl::StatusOr<ServerDescription> Describe() override { return description_; }
+  absl::StatusOr<ServerInfo> Describe() override { return description_; }
 
   // Read after FinishBackward (background calls have finished).
   std::map<uint32_t, torch::Tensor> queries;
-  std::map<uint32_t, LookupResult> lookups;
+  std::map<uint32_t, LookupReply> lookups;
   std::map<uint32_t, Sent> sent;
 
  private:
   ParamClient* inner_;
-  ServerDescription description_;
-  std::map<uint32_t, LookupResult> replay_;
+  ServerInfo description_;
+  std::map<uint32_t, LookupReply> replay_;
   std::mutex mu_;  // guards the records
 };
 
@@ -284,7 +284,7 @@ class RecordingClient : public ParamClient {
 // with non-zero values after one optimizer step, so adapter outputs and gradients are not zero.
 struct MeftServer : testing::InProcessServer {
   std::unique_ptr<ParamClient> client;
-  ServerDescription description;
+  ServerInfo description;
 };
 
 std::unique_ptr<MeftServer> StartMeftServer(bool bf16_rows) {
@@ -496,7 +496,7 @@ TEST(CudaPinnedArenaTest, RowsAndTrainingOnTheDeviceEqualTheUnpinnedAndInlinePat
                                  {"shm unpinned", GrpcClientOptions::Transport::kShm, false},
                                  {"grpc inline", GrpcClientOptions::Transport::kGrpc, true}};
   struct Outcome {
-    LookupResult eval;                   // host answer
+    LookupReply eval;                   // host answer
     torch::Tensor keys, values, router;  // the same rows copied to the device
     torch::Tensor y, dx;                 // adapter output and input gradient on the device
     std::map<uint32_t, RecordingClient::Sent> sent;
@@ -526,7 +526,7 @@ TEST(CudaPinnedArenaTest, RowsAndTrainingOnTheDeviceEqualTheUnpinnedAndInlinePat
     co.shm_pin = c.pin;
     auto grpc = CreateGrpcParamClient(co);
     ASSERT_TRUE(grpc.ok()) << grpc.status();
-    const ServerDescription description = *(*grpc)->Describe();
+    const ServerInfo description = *(*grpc)->Describe();
     RecordingClient client(grpc->get(), description);
     Outcome out;
 

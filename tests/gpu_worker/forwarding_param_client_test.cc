@@ -22,19 +22,19 @@ namespace {
 // would give: RestartStep's 77 differs from Describe's step, LayerGradNorms is not UNIMPLEMENTED.
 class RecordingFake : public ParamClient {
  public:
-  absl::StatusOr<LookupResult> Lookup(const StepHeader& header, const torch::Tensor& x,
+  absl::StatusOr<LookupReply> Lookup(const RequestHeader& header, const torch::Tensor& x,
                                       const torch::Tensor& token_mask, bool training) override {
     calls.push_back("Lookup");
     header_ = header;
     x_ = x;
     mask_ = token_mask;
     training_ = training;
-    LookupResult r;
+    LookupReply r;
     r.row_ids = torch::tensor({int64_t{4}, int64_t{9}});
     r.replayed = true;
     return r;
   }
-  absl::Status Gradients(const StepHeader& header, const torch::Tensor& key_grads,
+  absl::Status Gradients(const RequestHeader& header, const torch::Tensor& key_grads,
                          const torch::Tensor& value_grads,
                          const torch::Tensor& gate_grads) override {
     calls.push_back("Gradients");
@@ -71,9 +71,9 @@ class RecordingFake : public ParamClient {
     path_ = path;
     return absl::NotFoundError("restore answer");
   }
-  absl::StatusOr<ServerDescription> Describe() override {
+  absl::StatusOr<ServerInfo> Describe() override {
     calls.push_back("Describe");
-    ServerDescription d;
+    ServerInfo d;
     d.layers = {1, 3};
     d.rows = 64;
     d.step = 12;
@@ -85,7 +85,7 @@ class RecordingFake : public ParamClient {
   }
 
   std::vector<std::string> calls;
-  StepHeader header_;
+  RequestHeader header_;
   torch::Tensor x_, mask_, key_grads_, value_grads_, gate_grads_;
   bool training_ = false;
   uint64_t step_ = 0;
@@ -106,7 +106,7 @@ TEST(ForwardingParamClientTest, LookupForwardsArgumentsAndAnswer) {
   ForwardingParamClient client(&fake);
   const torch::Tensor x = torch::randn({3, 4});
   const torch::Tensor mask = torch::tensor({1, 1, 0});
-  absl::StatusOr<LookupResult> r =
+  absl::StatusOr<LookupReply> r =
       client.Lookup({.step = 6, .micro_step = 2, .layer = 3}, x, mask, /*training=*/true);
   EXPECT_EQ(fake.calls, Calls{"Lookup"});
   EXPECT_EQ(fake.header_.step, 6u);
@@ -182,7 +182,7 @@ TEST(ForwardingParamClientTest, CheckpointsForward) {
 TEST(ForwardingParamClientTest, DescribeForwards) {
   RecordingFake fake;
   ForwardingParamClient client(&fake);
-  absl::StatusOr<ServerDescription> d = client.Describe();
+  absl::StatusOr<ServerInfo> d = client.Describe();
   EXPECT_EQ(fake.calls, Calls{"Describe"});
   ASSERT_TRUE(d.ok()) << d.status();
   EXPECT_EQ(d->layers, (std::vector<uint32_t>{1, 3}));

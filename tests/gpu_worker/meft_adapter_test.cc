@@ -26,10 +26,10 @@ class RecordingClient : public ForwardingParamClient {
  public:
   using ForwardingParamClient::ForwardingParamClient;
   struct Sent {
-    StepHeader header;
+    RequestHeader header;
     torch::Tensor key_grads, value_grads, gate_grads;
   };
-  absl::StatusOr<LookupResult> Lookup(const StepHeader& h, const torch::Tensor& x,
+  absl::StatusOr<LookupReply> Lookup(const RequestHeader& h, const torch::Tensor& x,
                                       const torch::Tensor& mask, bool training) override {
     auto r = inner()->Lookup(h, x, mask, training);
     std::lock_guard lock(mu_);
@@ -37,7 +37,7 @@ class RecordingClient : public ForwardingParamClient {
     if (r.ok()) lookups.push_back(*r);
     return r;
   }
-  absl::Status Gradients(const StepHeader& h, const torch::Tensor& k, const torch::Tensor& v,
+  absl::Status Gradients(const RequestHeader& h, const torch::Tensor& k, const torch::Tensor& v,
                          const torch::Tensor& g) override {
     {
       std::lock_guard lock(mu_);
@@ -48,7 +48,7 @@ class RecordingClient : public ForwardingParamClient {
   }
 
   std::vector<torch::Tensor> queries;
-  std::vector<LookupResult> lookups;
+  std::vector<LookupReply> lookups;
   std::vector<Sent> sent;
 
  private:
@@ -58,7 +58,7 @@ class RecordingClient : public ForwardingParamClient {
 struct Setup : testing::InProcessServer {
   std::unique_ptr<ParamClient> grpc_client;
   std::unique_ptr<RecordingClient> client;
-  ServerDescription description;
+  ServerInfo description;
 };
 
 std::unique_ptr<Setup> Start(server::Mode mode, bool gated, std::vector<uint32_t> layers = {0}) {
@@ -129,7 +129,7 @@ TEST_P(MeftAdapterTest, OutputAndGradientsEqualDenseComputationOnTheSameRows) {
   if (c.refetch) {
     EXPECT_TRUE(s->client->lookups[1].replayed);
   }
-  const LookupResult& r = s->client->lookups[0];
+  const LookupReply& r = s->client->lookups[0];
   ASSERT_EQ(s->client->sent.size(), 1u);
   const auto& sent = s->client->sent[0];
 
@@ -209,8 +209,8 @@ TEST(MeftAdapterPrefetchTest, QueryIsAnEarlierLayersInputAndItsGradientFlows) {
   const torch::Tensor x0r = x0.detach().reshape({3, 8}).clone().requires_grad_();
   const torch::Tensor x1r = torch::tanh(x0r.matmul(m));
   const torch::Tensor all = torch::ones({3}, torch::kBool);
-  const LookupResult& r0 = s->client->lookups[0];
-  const LookupResult& r1 = s->client->lookups[1];
+  const LookupReply& r0 = s->client->lookups[0];
+  const LookupReply& r1 = s->client->lookups[1];
   const torch::Tensor y0r =
       MeftOutputReference(r0, x0r, x0r, all, true, true, r0.keys, r0.values, r0.router_rows);
   const torch::Tensor y1r =

@@ -195,7 +195,7 @@ struct Rendezvous {
 class RendezvousClient : public ForwardingParamClient {
  public:
   RendezvousClient(ParamClient* inner, Rendezvous* r) : ForwardingParamClient(inner), r_(r) {}
-  absl::StatusOr<LookupResult> Lookup(const StepHeader& h, const torch::Tensor& x,
+  absl::StatusOr<LookupReply> Lookup(const RequestHeader& h, const torch::Tensor& x,
                                       const torch::Tensor& mask, bool training) override {
     if (h.layer == r_->layer) {
       r_->lookup_started.Set();
@@ -305,7 +305,7 @@ TEST(OverlapErrorTest, AsyncLookupErrorSurfacesWithTheServersMessage) {
 class ThrowingClient : public ForwardingParamClient {
  public:
   using ForwardingParamClient::ForwardingParamClient;
-  absl::StatusOr<LookupResult> Lookup(const StepHeader&, const torch::Tensor&, const torch::Tensor&,
+  absl::StatusOr<LookupReply> Lookup(const RequestHeader&, const torch::Tensor&, const torch::Tensor&,
                                       bool) override {
     TORCH_CHECK(false, "lookup exploded");
     return absl::InternalError("unreachable");

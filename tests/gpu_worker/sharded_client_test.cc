@@ -66,8 +66,8 @@ TEST(RetryTest, BacksOffExponentiallyUpToTheTimeout) {
   EXPECT_EQ(calls, 1);
 }
 
-ServerDescription Describe(std::vector<uint32_t> layers) {
-  ServerDescription d;
+ServerInfo Describe(std::vector<uint32_t> layers) {
+  ServerInfo d;
   d.layers = std::move(layers);
   d.rows = 256;
   d.dim = 32;
@@ -85,7 +85,7 @@ TEST(MergeShardDescriptionsTest, UnionOfDisjointLayersAndClearErrors) {
   EXPECT_THAT(merged->layers, ElementsAre(0, 1, 2, 3));
   EXPECT_EQ(merged->step, 7u);
 
-  ServerDescription other = Describe({1});
+  ServerInfo other = Describe({1});
   other.top_k = 8;
   auto bad = MergeShardDescriptions({"a:1", "b:2"}, {Describe({0}), other});
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kFailedPrecondition);
@@ -288,7 +288,7 @@ TEST_F(ShardedTrainingTest, ConcurrentLookupsOnDifferentLayersRouteToTheirShard)
   auto two = MakeRun({{0}, {1}}, root_ / "two", SmallTraining());
   torch::manual_seed(5);
   const torch::Tensor x = torch::randn({6, 32});
-  std::vector<absl::StatusOr<LookupResult>> got(2, absl::UnknownError("not run"));
+  std::vector<absl::StatusOr<LookupReply>> got(2, absl::UnknownError("not run"));
   std::vector<std::thread> threads;
   for (uint32_t l = 0; l < 2; ++l) {
     threads.emplace_back([&, l] {

@@ -87,7 +87,7 @@ void ExpectSameTensor(const torch::Tensor& a, const torch::Tensor& b, const char
   EXPECT_TRUE(torch::equal(a, b)) << what;
 }
 
-void ExpectSame(const LookupResult& a, const LookupResult& b) {
+void ExpectSame(const LookupReply& a, const LookupReply& b) {
   ExpectSameTensor(a.row_ids, b.row_ids, "row_ids");
   ExpectSameTensor(a.keys, b.keys, "keys");
   ExpectSameTensor(a.values, b.values, "values");
@@ -100,7 +100,7 @@ void ExpectSame(const LookupResult& a, const LookupResult& b) {
 }
 
 // Bytes of an answer as the server sent it: integer tensors as int32 (the client widens them).
-double WireBytes(const LookupResult& r) {
+double WireBytes(const LookupReply& r) {
   double bytes = 0;
   for (const torch::Tensor* t : {&r.row_ids, &r.keys, &r.values, &r.token_rows, &r.token_gates,
                                  &r.token_experts, &r.expert_ids, &r.router_rows}) {
@@ -128,7 +128,7 @@ TEST(ShmTransportTest, TrainingStepIsBitIdenticalToGrpc) {
   double expected_up = 0, expected_down = 0;  // tensor bytes through the arena
   const torch::Tensor mask = torch::tensor({1, 1, 1, 0, 1, 1, 1, 1}, torch::kUInt8);
   for (uint32_t layer : {0u, 1u}) {
-    const StepHeader h{.step = 0, .micro_step = 0, .layer = layer};
+    const RequestHeader h{.step = 0, .micro_step = 0, .layer = layer};
     const torch::Tensor x = X(8, 32, layer);
     auto a = shm->Lookup(h, x, mask, /*training=*/true);
     auto b = grpc->Lookup(h, x, mask, /*training=*/true);
@@ -155,7 +155,7 @@ TEST(ShmTransportTest, TrainingStepIsBitIdenticalToGrpc) {
   ASSERT_TRUE(grpc->Step(0, 1e-2, 1.0).ok());
   EXPECT_EQ(shm_server->domain->StateDigest(), grpc_server->domain->StateDigest());
   for (uint32_t layer : {0u, 1u}) {
-    const StepHeader h{.step = 1, .micro_step = 0, .layer = layer};
+    const RequestHeader h{.step = 1, .micro_step = 0, .layer = layer};
     const torch::Tensor x = X(8, 32, layer);
     auto a = shm->Lookup(h, x, torch::Tensor(), true);
     auto b = grpc->Lookup(h, x, torch::Tensor(), true);
@@ -212,7 +212,7 @@ TEST(ShmTransportTest, Bf16GradientsMatchGrpc) {
   o.transport = Transport::kGrpc;
   auto grpc = CreateGrpcParamClient(o);
   ASSERT_TRUE(shm.ok() && grpc.ok());
-  const StepHeader h{.step = 0, .micro_step = 0, .layer = 0};
+  const RequestHeader h{.step = 0, .micro_step = 0, .layer = 0};
   const torch::Tensor x = X(9, 32, 8);
   auto a = (*shm)->Lookup(h, x, torch::Tensor(), true);
   auto b = (*grpc)->Lookup(h, x, torch::Tensor(), true);
@@ -279,7 +279,7 @@ TEST(ShmTransportTest, ReattachesAfterTheServerRestarts) {
   o.listen = served->address();
   auto restarted = rpc::StartServer(o, served->domain.get(), &restarted_registry);
   ASSERT_TRUE(restarted.ok()) << restarted.status();
-  absl::StatusOr<LookupResult> after = absl::UnavailableError("not called");
+  absl::StatusOr<LookupReply> after = absl::UnavailableError("not called");
   for (int i = 0; i < 100 && absl::IsUnavailable(after.status()); ++i) {
     if (i > 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
     after = shm->Lookup({.layer = 0}, x, torch::Tensor(), false);
@@ -307,7 +307,7 @@ TEST(ShmTransportTest, ConcurrentLookupsMatchSequentialOnes) {
   constexpr int kThreads = 4, kPerThread = 12;
   // Inputs made up front: torch's global generator is not for concurrent seeding.
   std::map<std::pair<int, int>, torch::Tensor> inputs;
-  std::map<std::pair<int, int>, LookupResult> expected;
+  std::map<std::pair<int, int>, LookupReply> expected;
   for (int t = 0; t < kThreads; ++t) {
     for (int i = 0; i < kPerThread; ++i) {
       inputs[{t, i}] = X(3 + i, 32, t * 100 + i);
@@ -317,7 +317,7 @@ TEST(ShmTransportTest, ConcurrentLookupsMatchSequentialOnes) {
       expected[{t, i}] = *r;
     }
   }
-  std::vector<std::map<int, LookupResult>> per_thread(kThreads);
+  std::vector<std::map<int, LookupReply>> per_thread(kThreads);
   std::vector<absl::Status> errors(kThreads);
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t) {
@@ -349,7 +349,7 @@ TEST(ShmTransportTest, AnswersOutliveTheClient) {
   const torch::Tensor x = X(7, 32, 21);
   // Inline answers alias the received message; their values stay right after the client is gone
   // (that the alias holds its owner is tested in answer_tensor_test).
-  absl::StatusOr<LookupResult> expected;
+  absl::StatusOr<LookupReply> expected;
   {
     auto grpc = Client(served->address(), Transport::kGrpc);
     expected = grpc->Lookup({.layer = 1}, x, torch::Tensor(), false);
@@ -358,7 +358,7 @@ TEST(ShmTransportTest, AnswersOutliveTheClient) {
   auto fresh = Client(served->address(), Transport::kGrpc)->Lookup({.layer = 1}, x, {}, false);
   ASSERT_TRUE(fresh.ok());
   ExpectSame(*expected, *fresh);
-  LookupResult kept;
+  LookupReply kept;
   {
     auto shm = Client(served->address(), Transport::kShm);
     auto r = shm->Lookup({.layer = 1}, x, torch::Tensor(), false);
@@ -403,7 +403,7 @@ TEST(ShmTransportTest, TransientSetupFailureIsRetried) {
   o.listen = served->address();
   auto restarted = rpc::StartServer(o, served->domain.get(), &restarted_registry);
   ASSERT_TRUE(restarted.ok()) << restarted.status();
-  absl::StatusOr<LookupResult> up = down;
+  absl::StatusOr<LookupReply> up = down;
   for (int i = 0; i < 100 && absl::IsUnavailable(up.status()); ++i) {
     if (i > 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
     up = shm->Lookup({.layer = 0}, x, torch::Tensor(), false);
@@ -441,7 +441,7 @@ TEST(ShmTransportTest, ArenaTooSmallForAnAnswer) {
 }
 
 TEST(ShmTransportTest, SizeBoundsFollowTheServerDescription) {
-  ServerDescription d;
+  ServerInfo d;
   d.dim = 4096;
   d.rows = 8464;
   d.top_k = 64;

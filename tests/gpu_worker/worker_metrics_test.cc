@@ -47,14 +47,14 @@ double Sample(const metrics::Registry& registry, const std::string& series) {
 // Records the tensors it was given; answers lookups with fixed tensors, or `failure`.
 class FakeClient : public ParamClient {
  public:
-  absl::StatusOr<LookupResult> Lookup(const StepHeader&, const torch::Tensor& x,
+  absl::StatusOr<LookupReply> Lookup(const RequestHeader&, const torch::Tensor& x,
                                       const torch::Tensor& mask, bool) override {
     seen_x = x;
     seen_mask = mask;
     if (!failure.ok()) return failure;
     return answer;
   }
-  absl::Status Gradients(const StepHeader&, const torch::Tensor& k, const torch::Tensor& v,
+  absl::Status Gradients(const RequestHeader&, const torch::Tensor& k, const torch::Tensor& v,
                          const torch::Tensor& g) override {
     seen_k = k;
     seen_v = v;
@@ -65,9 +65,9 @@ class FakeClient : public ParamClient {
   absl::Status Step(uint64_t, double, double) override { return failure; }
   absl::StatusOr<std::string> SaveCheckpoint(const std::string& d) override { return d; }
   absl::Status RestoreCheckpoint(const std::string&) override { return failure; }
-  absl::StatusOr<ServerDescription> Describe() override { return ServerDescription{.dim = 7}; }
+  absl::StatusOr<ServerInfo> Describe() override { return ServerInfo{.dim = 7}; }
 
-  LookupResult answer;
+  LookupReply answer;
   absl::Status failure;
   torch::Tensor seen_x, seen_mask, seen_k, seen_v, seen_g;
 };
@@ -85,7 +85,7 @@ TEST(MeteredParamClientTest, ForwardsCallsAndCountsPayloadBytes) {
 
   const torch::Tensor x = torch::randn({3, 8});               // 96 bytes
   const torch::Tensor mask = torch::ones({3}, torch::kBool);  // 3
-  absl::StatusOr<LookupResult> got = client.Lookup({1, 0, 2}, x, mask, true);
+  absl::StatusOr<LookupReply> got = client.Lookup({1, 0, 2}, x, mask, true);
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_TRUE(torch::equal(fake->seen_x, x));
   EXPECT_TRUE(torch::equal(fake->seen_mask, mask));

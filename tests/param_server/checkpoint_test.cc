@@ -70,7 +70,7 @@ class CheckpointTest : public ::testing::Test {
       server::GradientsCall grads{{step, 0, layer},
                                   {wire::DType::kFp32, {n, d}, kb},
                                   {wire::DType::kFp32, {n, d}, vb},
-                                  wire::WireTensor{wire::DType::kFp32, {T, k}, gb}};
+                                  wire::TensorView{wire::DType::kFp32, {T, k}, gb}};
       auto g = s->Gradients(grads);
       ASSERT_TRUE(g.ok()) << g.status();
     }

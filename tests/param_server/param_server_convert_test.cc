@@ -33,7 +33,7 @@ void ExpectInvalid(const absl::Status& status, const std::string& message) {
 }
 
 TEST(TensorFromProtoTest, UnsetIsNullopt) {
-  absl::StatusOr<std::optional<wire::WireTensor>> t = TensorFromProto(v1::Tensor(), "x");
+  absl::StatusOr<std::optional<wire::TensorView>> t = TensorFromProto(v1::Tensor(), "x");
   ASSERT_TRUE(t.ok()) << t.status();
   EXPECT_FALSE(t->has_value());
 }
@@ -46,7 +46,7 @@ TEST(TensorFromProtoTest, EveryDtypeAndTheBytesAsAView) {
       {v1::DTYPE_UINT8, wire::DType::kUint8}};
   for (const auto& [proto, domain] : dtypes) {
     const v1::Tensor tensor = ProtoTensor(proto, {2, 3}, "abcdef");
-    absl::StatusOr<std::optional<wire::WireTensor>> t = TensorFromProto(tensor, "x");
+    absl::StatusOr<std::optional<wire::TensorView>> t = TensorFromProto(tensor, "x");
     ASSERT_TRUE(t.ok()) << t.status();
     ASSERT_TRUE(t->has_value());
     EXPECT_EQ((*t)->dtype, domain);
@@ -107,7 +107,7 @@ TEST(FromProtoTest, LookupRequest) {
   EXPECT_FALSE(call->token_mask.has_value());
   EXPECT_TRUE(call->training);
   EXPECT_FALSE(call->row_dtype.has_value()) << "unspecified row_dtype: the server's default";
-  EXPECT_FALSE(call->output.has_value());
+  EXPECT_EQ(call->answer_sink, nullptr);
 
   r.set_row_dtype(v1::DTYPE_BF16);
   *r.mutable_token_mask() = ProtoTensor(v1::DTYPE_UINT8, {1}, std::string(1, '\1'));

@@ -13,6 +13,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "param_server/rpc/answer_sinks.h"
 #include "param_server/server/memory_budget.h"
 #include "param_server/store/layer_store.h"
 #include "tests/testing/temp_dir.h"
@@ -204,7 +205,7 @@ TEST(ParamServerTest, StepAnswersEachLayersNextLookupAsSoonAsThatLayerIsUpdated)
                     ->Gradients({{0, 0, layer},
                                  {wire::DType::kFp32, {n, 4}, kb},
                                  {wire::DType::kFp32, {n, 4}, vb},
-                                 wire::WireTensor{wire::DType::kFp32, {2, 3}, gb}})
+                                 wire::TensorView{wire::DType::kFp32, {2, 3}, gb}})
                     .ok());
   }
   late1 = std::async(std::launch::async, [&] { return server->Lookup(call(1, 1, true)); });
@@ -255,8 +256,8 @@ TEST(ParamServerTest, CheckpointPathsFromRequestsStayInsideCheckpointDir) {
   EXPECT_EQ((*server)->StateDigest(), before);
 }
 
-// A same-host lookup offers memory for its answer (LookupCall::output): each tensor is encoded
-// straight into it, aligned, in field order, with the bytes of an ordinary answer; an output too
+// A same-host lookup offers memory for its answer (LookupCall::answer_sink): each tensor goes
+// straight into it, aligned, in field order, with the bytes of an ordinary answer; a sink too
 // small for the whole answer leaves every tensor in its own bytes; and a placed answer is not
 // held to the message limit, which only bounds answers that travel inside a message.
 TEST(ParamServerTest, AnswerIsWrittenIntoTheOfferedOutputWhenItAllFits) {
@@ -284,7 +285,7 @@ TEST(ParamServerTest, AnswerIsWrittenIntoTheOfferedOutputWhenItAllFits) {
   alignas(64) static uint8_t memory[1 << 16];
   ASSERT_LT(100 + total, sizeof(memory));
   std::memset(memory, 0xAB, sizeof(memory));
-  call.output = LookupCall::Output{memory, 100, total, 64};  // begin 100: first tensor at 128
+  call.answer_sink = std::make_shared<rpc::RegionAnswerSink>(memory, 100, total);  // 1st at 128
   const absl::StatusOr<LookupReply> placed = (*server)->Lookup(call);
   ASSERT_TRUE(placed.ok()) << placed.status();
   uint64_t next = 100;
@@ -311,7 +312,7 @@ TEST(ParamServerTest, AnswerIsWrittenIntoTheOfferedOutputWhenItAllFits) {
   // minus one, cannot hold the answer, so nothing is placed.
   uint64_t bytes = 0;
   for (const wire::Tensor* f : expected) bytes += f->data.size();
-  call.output = LookupCall::Output{memory, 0, bytes - 1, 64};
+  call.answer_sink = std::make_shared<rpc::RegionAnswerSink>(memory, 0, bytes - 1);
   const absl::StatusOr<LookupReply> inline_reply = (*server)->Lookup(call);
   ASSERT_TRUE(inline_reply.ok()) << inline_reply.status();
   for (size_t i = 0; i < expected.size(); ++i) {
@@ -322,11 +323,11 @@ TEST(ParamServerTest, AnswerIsWrittenIntoTheOfferedOutputWhenItAllFits) {
   o.max_response_bytes = 1024;  // smaller than any answer (the estimate adds 4096)
   auto limited = ParamServer::Create(o, nullptr);
   ASSERT_TRUE(limited.ok());
-  call.output.reset();
+  call.answer_sink.reset();
   const absl::StatusOr<LookupReply> refused = (*limited)->Lookup(call);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(refused.status().message(), HasSubstr("message limit"));
-  call.output = LookupCall::Output{memory, 0, sizeof(memory), 64};
+  call.answer_sink = std::make_shared<rpc::RegionAnswerSink>(memory, 0, sizeof(memory));
   EXPECT_TRUE((*limited)->Lookup(call).ok()) << "a placed answer travels outside the message";
 }
 
