@@ -9,7 +9,10 @@
 namespace meft::worker {
 
 StatusError::StatusError(absl::Status status)
-    : c10::Error(std::string(status.message()), /*backtrace=*/""), status_(std::move(status)) {}
+    // The (SourceLocation, message) constructor is the one LibTorch 1.13 and 2.x share.
+    : c10::Error(c10::SourceLocation{__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+                 std::string(status.message())),
+      status_(std::move(status)) {}
 
 void ThrowIfError(const absl::Status& status) {
   if (!status.ok()) throw StatusError(status);
